@@ -1,0 +1,183 @@
+"""`dicom-ai-node serve|check-config|test-rule|status|demo|pipelines`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from dicom_ai_node import __version__
+from dicom_ai_node.config import ConfigError, NodeConfig, load_config, with_overrides
+
+log = logging.getLogger("dicom_ai_node")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom's INFO lines are per-message chatter; its warnings and errors still show.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    config = load_config(Path(args.config) if args.config else None)
+    return with_overrides(
+        config,
+        port=getattr(args, "port", None),
+        ae_title=getattr(args, "ae_title", None),
+        data_dir=getattr(args, "data_dir", None),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_ai_node.service import NodeService
+
+    config = _config(args)
+    service = NodeService(config)
+    log.info("dicom-ai-node %s: data in %s, pipelines: %s", __version__, config.node.data_dir.resolve(),
+             ", ".join(f"{m.name} {m.version}" for m in service.manifests.values()) or "none")
+    service.serve_forever()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dicom_ai_node.service import load_pipelines
+
+    config = load_config(Path(args.file))
+    manifests = load_pipelines(config)
+    print(f"{args.file}: OK ({len(config.peers)} peers, {len(config.rules)} rules, "
+          f"pipelines: {', '.join(sorted(manifests)) or 'none'})")
+    return 0
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    from dicom_ai_node.service import load_pipelines
+
+    for manifest in load_pipelines(_config(args)).values():
+        flag = " [not for diagnostic use]" if manifest.model_card.not_for_diagnostic_use else ""
+        print(f"{manifest.name} {manifest.version}: {manifest.title}{flag}\n  accepts {', '.join(manifest.accepts.modality)}"
+              f" {', '.join(manifest.accepts.body_part)}; outputs {', '.join(manifest.outputs)}; {manifest.folder}")
+    return 0
+
+
+def cmd_test_rule(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from dicom_ai_node.route import assignments, route
+    from dicom_ai_node.spool import InvalidInstance, parse_instance
+
+    config = _config(args)
+    headers: dict[str, dict] = {}
+    counts: dict[str, int] = defaultdict(int)
+    files = [p for p in sorted(Path(args.folder).rglob("*")) if p.is_file()]
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            header = parse_instance(raw, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        except (InvalidInstance, Exception) as exc:  # noqa: BLE001 - report and go on with the others
+            print(f"{path}: skipped ({exc})")
+            continue
+        headers.setdefault(header.series_uid, header.routing_header)
+        counts[header.series_uid] += 1
+    if not headers:
+        print(f"{args.folder}: no readable DICOM instance")
+        return 1
+    for series_uid, header in headers.items():
+        print(f"series {series_uid} ({counts[series_uid]} instances, Modality {header.get('Modality', '?')}, "
+              f"calling AE {args.calling_ae!r})")
+        decisions = route(config.rules, header, args.calling_ae)
+        for decision in decisions:
+            print("  " + decision.explain().replace("\n", "\n  "))
+        chosen = assignments(decisions)
+        print("  => " + (", ".join(a.pipeline for a in chosen) if chosen else "no pipeline runs"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_ai_node.assemble import SeriesProgress, SeriesWaiting, series_completion
+    from dicom_ai_node.jobs.store import JobStore
+
+    config = _config(args)
+    if not config.db_path.exists():
+        print(f"no state database at {config.db_path}: nothing received yet")
+        return 0
+    store = JobStore(config.db_path)
+    now = time.time()
+    print("SERIES")
+    for s in store.all_series():
+        line = f"  {s.series_uid}  {s.state:<9} {s.instances:>5} inst  from {s.calling_ae}"
+        if s.state == "receiving":
+            decision = series_completion(SeriesProgress(s.series_uid, s.instances, s.first_received, s.last_received),
+                                         now, config.completion.quiet_period_s)
+            if isinstance(decision, SeriesWaiting):
+                line += f"  waiting {decision.remaining_s:.0f} s more: {decision.reason}"
+        elif s.note:
+            line += f"  {s.note}"
+        print(line)
+    print("JOBS")
+    for j in store.jobs():
+        error = f"  error: {j.last_error}" if j.last_error else ""
+        print(f"  #{j.id:<5} {j.state:<8} {j.pipeline:<12} series {j.series_uid} attempts {j.attempts}{error}")
+    print("SENDS")
+    for s in store.sends():
+        error = f"  error: {s.last_error}" if s.last_error else ""
+        print(f"  job #{s.job_id:<5} {s.state:<7} -> {s.destination:<16} {s.sop_uid} attempts {s.attempts}{error}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_ai_node.demo import run_demo
+
+    return run_demo(_config(args), host=args.host, wait_s=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-ai-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, overrides: bool = True) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="node.yaml (default: embedded defaults)")
+        if overrides:
+            p.add_argument("--port", type=int)
+            p.add_argument("--ae-title")
+            p.add_argument("--data-dir", type=Path)
+        return p
+
+    with_config(sub.add_parser("serve", help="run the node")).set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate a node.yaml and its pipelines")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    with_config(sub.add_parser("pipelines", help="list the pipelines found")).set_defaults(func=cmd_pipelines)
+    p = with_config(sub.add_parser("test-rule", help="show which rules fire for a folder of DICOM files, and why"))
+    p.add_argument("folder")
+    p.add_argument("--calling-ae", default="ANY", help="calling AE title to assume (default ANY)")
+    p.set_defaults(func=cmd_test_rule)
+    with_config(sub.add_parser("status", help="series, jobs and sends, and why series wait")).set_defaults(
+        func=cmd_status)
+    p = with_config(sub.add_parser("demo", help="push a synthetic chest CT to a running node and wait for results"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results (0: do not wait)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""node.yaml: the node's whole configuration, validated with pydantic.
+
+Every error names the key path and, when the value came from a file, the file and line, so that an operator
+can fix a typo without reading a traceback. With no file the embedded defaults apply: AE title
+DICOM_AI_NODE on port 11112, data under ./var, chest CTs routed to the ct_lung pipeline, results back to
+the sending peer (or to the outbox folder when no peer is configured).
+"""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import tag_for_keyword
+
+PACKAGE_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
+OUTBOX = "outbox"  # destination name: write results to <data_dir>/outbox instead of sending them
+SPECIAL_MATCH_KEYS = {"calling_ae"}
+
+DEFAULT_RULES: list[dict[str, Any]] = [
+    {
+        "name": "chest-ct-lungs",
+        "match": {"Modality": "CT", "BodyPartExamined": ["CHEST", "LUNG", "THORAX"], "SliceThickness": "<=5"},
+        "pipelines": ["ct_lung"],
+    }
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; str() lists one problem per line with key path and file line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(Strict):
+    ae_title: str = Field("DICOM_AI_NODE", pattern=AE_TITLE_PATTERN)
+    port: int = Field(11112, ge=1, le=65535)
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("./var")
+    # Root of every UID the node makes. The default is pydicom's registered root, which is meant for
+    # exactly this use; a hospital with its own root should set it here.
+    org_root: str = Field("1.2.826.0.1.3680043.8.498.", pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+    institution_name: str | None = None
+    accept_any_called_ae: bool = False
+    max_associations: int = Field(16, ge=1, le=256)
+    max_pdu_bytes: int = Field(0, ge=0)  # 0 = unlimited, which lets senders use their largest PDUs
+    max_instance_mb: int = Field(2048, ge=1)
+    min_free_disk_mb: int = Field(1024, ge=0)  # below this, C-STORE answers 0xA700 Out of Resources
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class Peer(Strict):
+    """A DICOM application that may associate with the node and/or receive its results."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # Bind the AE title to `host`: an association from another IP with this calling AE is rejected.
+    check_ip: bool = True
+
+
+class Completion(Strict):
+    quiet_period_s: float = Field(60.0, gt=0)
+
+
+class Rule(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    match: dict[str, Any] = Field(default_factory=dict)
+    pipelines: list[str] = Field(min_length=1)
+    destinations: list[str] | None = None  # None: back to the sending peer, else the outbox
+    priority: int = 0
+
+    @field_validator("match")
+    @classmethod
+    def _known_keywords(cls, match: dict[str, Any]) -> dict[str, Any]:
+        from dicom_ai_node.route import parse_condition  # the grammar lives with the matcher
+
+        for key, value in match.items():
+            if key not in SPECIAL_MATCH_KEYS and tag_for_keyword(key) is None:
+                raise ValueError(f"match key {key!r} is not a DICOM keyword (nor one of {sorted(SPECIAL_MATCH_KEYS)})")
+            parse_condition(key, value)
+        return match
+
+
+class Dispatch(Strict):
+    attempts: int = Field(5, ge=1)
+    initial_delay_s: float = Field(5.0, ge=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    max_delay_s: float = Field(300.0, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class Workers(Strict):
+    count: int = Field(1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class NodeConfig(Strict):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    peers: list[Peer] = Field(default_factory=list)
+    completion: Completion = Field(default_factory=Completion)
+    pipeline_folders: list[Path] = Field(default_factory=lambda: [PACKAGE_PIPELINES])
+    rules: list[Rule] = Field(default_factory=lambda: [Rule.model_validate(r) for r in DEFAULT_RULES])
+    dispatch: Dispatch = Field(default_factory=Dispatch)
+    workers: Workers = Field(default_factory=Workers)
+
+    @model_validator(mode="after")
+    def _destinations_are_peers(self) -> "NodeConfig":
+        names = {p.ae_title for p in self.peers}
+        if len(names) != len(self.peers):
+            raise ValueError("peers: two peers share one ae_title")
+        for i, rule in enumerate(self.rules):
+            for dest in rule.destinations or []:
+                if dest != OUTBOX and dest not in names:
+                    raise ValueError(
+                        f"rules[{i}] ({rule.name}): destination {dest!r} is not a configured peer ae_title "
+                        f"nor {OUTBOX!r}"
+                    )
+        return self
+
+    def peer(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title), None)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.node.data_dir / "results"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.node.data_dir / "outbox"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.node.data_dir / "quarantine"
+
+    @property
+    def db_path(self) -> Path:
+        return self.node.data_dir / "state.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.node.data_dir / "audit.jsonl"
+
+
+def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Map every key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (key.value,)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+                lines[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _located(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def parse_config(text: str, source: str = "<string>") -> NodeConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}:1: the top level must be a mapping of sections (node, peers, rules, ...)")
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = _line_index(text)
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            key = ".".join(str(part) for part in loc) or "(top level)"
+            line = _located(loc, lines)
+            where = f"{source}:{line}" if line else source
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {key}: {message}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    if path is None:
+        return NodeConfig()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    return parse_config(text, str(path))
+
+
+def with_overrides(config: NodeConfig, **overrides: Any) -> NodeConfig:
+    """Apply command-line overrides (port, ae_title, data_dir) and validate again."""
+    node = config.node.model_dump()
+    node.update({k: v for k, v in overrides.items() if v is not None})
+    data = config.model_dump()
+    data["node"] = node
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            "\n".join(f"command line: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+

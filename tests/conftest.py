@@ -1,0 +1,171 @@
+"""Real peers for the tests: the node itself, Orthanc (the PACS) and DCMTK tools, all on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from dicom_ai_node.config import NodeConfig, parse_config
+from dicom_ai_node.service import NodeService
+
+REPO = Path(__file__).resolve().parent.parent
+ORTHANC_BIN = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+# DCMTK (and Orthanc's DICOM side, which is DCMTK) set TCP_NODELAY when this variable is set;
+# without it every message waits ~40 ms for delayed ACKs on loopback.
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (CI installs dcmtk, orthanc and dicom3tools)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def node_config(data_dir: Path, port: int, extra_yaml: str = "") -> NodeConfig:
+    text = f"""
+node:
+  ae_title: DICOM_AI_NODE
+  port: {port}
+  bind_address: 127.0.0.1
+  data_dir: {data_dir}
+  min_free_disk_mb: 1
+completion:
+  quiet_period_s: 1.0
+dispatch:
+  attempts: 3
+  initial_delay_s: 0.5
+{extra_yaml}
+"""
+    return parse_config(text, "test node.yaml")
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Any]:
+    """Start a node (real SCP, workers, dispatcher) with a config; stops it at teardown."""
+    started: list[NodeService] = []
+
+    def start(extra_yaml: str = "", data_dir: Path | None = None) -> NodeService:
+        config = node_config(data_dir or tmp_path / "node", free_port(), extra_yaml)
+        service = NodeService(config)
+        service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc server, configured in a temp dir, with a tiny REST client."""
+
+    http_port: int
+    dicom_port: int
+    aet: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def request(self, method: str, path: str, body: bytes | dict | str | None = None, timeout: float = 120) -> Any:
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else (
+            body.encode() if isinstance(body, str) else body)
+        req = urllib.request.Request(self.url(path), data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            payload = response.read()
+        ctype = response.headers.get("Content-Type", "")
+        return json.loads(payload) if "json" in ctype else payload
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def upload(self, path: Path) -> dict:
+        return self.request("POST", "/instances", path.read_bytes())
+
+    def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
+        self.request("PUT", f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
+
+    def instances_of_study(self, study_uid: str) -> list[dict]:
+        found = self.request("POST", "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
+                                                     "Expand": True})
+        return found
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    if ORTHANC_BIN is None:
+        require_tool("Orthanc")
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "test-pacs",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "DicomCheckCalledAet": False,
+        "OverwriteInstances": False,
+        "StableAge": 1,
+        "DicomScuTimeout": 30,
+        "HttpTimeout": 120,
+        "UnknownSopClassAccepted": True,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log_path = folder / "orthanc.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([ORTHANC_BIN, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                                   env=PEER_ENV)
+    server = Orthanc(http_port, dicom_port, "ORTHANC", process, log_path)
+    deadline = time.time() + 60
+    while True:
+        try:
+            server.get("/system")
+            break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
