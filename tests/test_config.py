@@ -63,8 +63,8 @@ def test_unknown_destination_is_reported():
 
 
 def test_yaml_syntax_error_has_line():
-    with pytest.raises(ConfigError, match=r"node.yaml:3: not valid YAML"):
-        parse_config("node:\n  port: 1\n  ae_title: [\n", "node.yaml")
+    with pytest.raises(ConfigError, match=r"node.yaml:2: not valid YAML"):
+        parse_config("node:\n  port: 1: 2\n  ae_title: X\n", "node.yaml")
 
 
 def test_unknown_section():

@@ -68,7 +68,7 @@ def test_unknown_calling_ae_is_rejected_and_known_one_accepted(start_node):
     node = start_node(PEERS_YAML)
     rejected = echoscu(node.port, "STRANGER")
     assert rejected.returncode != 0
-    assert "Rejected" in rejected.stderr or "rejected" in rejected.stderr.lower()
+    assert "Association Rejected" in rejected.stderr and "Calling AE Title Not Recognized" in rejected.stderr
     accepted = echoscu(node.port, "PACS")
     assert accepted.returncode == 0, accepted.stderr
     audit = node.config.audit_path.read_text()
@@ -114,7 +114,8 @@ def test_no_phi_in_logs_while_receiving(start_node, caplog):
     source = get_testdata_file("CT_small.dcm")
     assert storescu(node.port, source, "-xe").returncode == 0
     ds = pydicom.dcmread(source)
-    text = caplog.text + node.config.audit_path.read_text()
+    audit = node.config.audit_path
+    text = caplog.text + (audit.read_text() if audit.exists() else "")
     for value in (str(ds.PatientName), str(ds.PatientID)):
         if value:
             assert value not in text

@@ -18,7 +18,7 @@ from dicom_ai_node.imaging.volume import load_volume
 from dicom_ai_node.pipeline import Manifest, Pipeline, RunContext, instantiate
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import gate
-from dicom_ai_node.results.writer import save, write_results
+from dicom_ai_node.results.writer import file_name, write_results
 
 log = logging.getLogger("dicom_ai_node.jobs")
 
@@ -89,8 +89,8 @@ class LocalExecutor:
         datasets: list[Dataset] = write_results(volume, result, manifest, self.result_context, kinds=tuple(manifest.outputs))
         t = timings.measure("write", t)
         folder = self.config.results_dir / f"job-{job_id:08d}"
-        paths = [save(ds, folder) for ds in datasets]
-        gate(datasets, volume.sources, manifest, paths)
+        gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
+        paths = [folder / file_name(ds) for ds in datasets]
         timings.measure("validate", t)
         files = [
             ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path, str(ds.Modality))

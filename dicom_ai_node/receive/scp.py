@@ -133,12 +133,16 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        calling_ae = requestor.ae_title.strip()
+        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive holds the calling AE (pynetdicom copies it later).
+        calling_ae = str(requestor.primitive.calling_ae_title).strip()
         reason = self.policy.refusal(calling_ae, requestor.address)
         if reason is not None:
             log.warning("association rejected: %s", reason)
             self.audit.write("association-rejected", calling_ae=calling_ae, address=requestor.address, reason=reason)
             event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLING_AE_NOT_RECOGNISED)
+            # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before the
+            # server closes the socket, or the peer sees an abort instead of a rejection.
+            event.assoc.kill()
 
     def _on_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()

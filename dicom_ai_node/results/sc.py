@@ -1,0 +1,196 @@
+"""PipelineResult -> an RGB key-image Secondary Capture a radiologist can read on any PACS viewer.
+
+The key slice is windowed, enlarged to at least 512 pixels so that burned-in text stays readable, and each
+segment's outline is drawn in its colour with a legend and the "AI result" warning burned in.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
+
+from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.pipeline import Manifest, PipelineResult, Segment
+from dicom_ai_node.results.identity import copy_body_part, copy_patient_study, no_person_name_warnings
+from dicom_ai_node.results.provenance import (
+    NOT_FOR_DIAGNOSTIC_USE,
+    ResultContext,
+    add_provenance,
+    equipment_kwargs,
+    series_description,
+    software_versions,
+)
+from dicom_ai_node.results.segments import key_slice_index, sorted_segments, source_series_uid
+from dicom_ai_node.results.uids import derive_result_uid
+
+SC_SERIES_NUMBER = 9003
+MIN_OUTPUT_PIXELS = 512
+CT_LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
+PALETTE = ((255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0), (220, 64, 255), (0, 230, 230))
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+
+def first_number(value: object) -> float | None:
+    """The first value of a DS/IS element value (multi-valued or not), None when empty."""
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    return None if value is None or value == "" else float(value)
+
+
+def display_window(source: Dataset, volume: Volume, pixels: np.ndarray) -> tuple[float, float]:
+    """(centre, width): the source's first VOI window, else a lung window for CT, else the 1-99th percentile."""
+    centre, width = first_number(source.get("WindowCenter")), first_number(source.get("WindowWidth"))
+    if centre is not None and width is not None and width > 0:
+        return centre, width
+    if volume.modality == "CT":
+        return CT_LUNG_WINDOW
+    low, high = np.percentile(pixels, [1, 99])
+    return float(low + high) / 2.0, max(float(high - low), 1.0)
+
+
+def windowed(pixels: np.ndarray, centre: float, width: float) -> np.ndarray:
+    low = centre - width / 2.0
+    return (np.clip((pixels - low) / width, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def segment_colour(segment: Segment) -> tuple[int, int, int]:
+    return segment.color_rgb or PALETTE[(segment.number - 1) % len(PALETTE)]
+
+
+def outline(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of `mask` within `thickness` of its border."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
+
+
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int) -> int:
+    """Draw white text on a black box at xy; returns the box height."""
+    face = font(size)
+    left, top, right, bottom = draw.textbbox(xy, text, font=face)
+    pad = max(2, size // 5)
+    draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=BLACK)
+    draw.text(xy, text, font=face, fill=WHITE)
+    return bottom - top + 2 * pad
+
+
+def fitting_size(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> int:
+    """The largest font size <= size at which `text` fits in `width` pixels."""
+    while size > 8 and draw.textlength(text, font=font(size)) > width:
+        size -= 1
+    return size
+
+
+def warning_text(manifest: Manifest) -> str:
+    return f"AI result - {NOT_FOR_DIAGNOSTIC_USE}" if manifest.model_card.not_for_diagnostic_use else "AI result"
+
+
+def key_image(volume: Volume, result: PipelineResult, manifest: Manifest, index: int) -> tuple[np.ndarray, int]:
+    """(RGB uint8 image, enlargement factor) of slice `index` with outlines, legend and warning burned in."""
+    pixels = volume.array[index]
+    centre, width = display_window(volume.sources[index], volume, pixels)
+    factor = max(1, math.ceil(MIN_OUTPUT_PIXELS / max(pixels.shape)))
+    gray = Image.fromarray(windowed(pixels, centre, width)).resize(
+        (pixels.shape[1] * factor, pixels.shape[0] * factor), Image.Resampling.BICUBIC
+    )
+    rgb = np.array(gray.convert("RGB"))
+    segments = sorted_segments(result, volume)
+    for segment in segments:
+        mask = (segment.mask[index] > 0.5).repeat(factor, axis=0).repeat(factor, axis=1)
+        rgb[outline(mask, thickness=max(1, factor // 2))] = segment_colour(segment)
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    size = max(12, image.width // 24)  # about 10 px tall even when a viewer shows it at 256 px
+    margin = size // 2
+    y = margin
+    for segment in segments:
+        swatch = size
+        draw.rectangle((margin, y, margin + swatch, y + swatch), fill=segment_colour(segment), outline=WHITE)
+        y += max(swatch, draw_label(draw, (margin + swatch + size // 2, y), segment.label, size)) + margin // 2
+    text = warning_text(manifest)
+    text_size = fitting_size(draw, text, size, image.width - 2 * margin)
+    draw_label(draw, (margin, image.height - margin - text_size - text_size // 3), text, text_size)
+    return np.array(image), factor
+
+
+def patient_orientation(direction: tuple[float, float, float]) -> str:
+    """The DICOM patient-orientation letter of the axis closest to `direction` (LPS)."""
+    axis = int(np.argmax(np.abs(direction)))
+    positive, negative = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
+    return positive if direction[axis] > 0 else negative
+
+
+def source_image_item(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    return item
+
+
+def copy_laterality(sc: Dataset, source: Dataset) -> None:
+    """Keep the source's Laterality; without it and without BodyPartExamined, send it empty (unknown).
+
+    General Series Laterality is type 2C on a paired body part. dciodvfy cannot judge the condition of an
+    SC without BodyPartExamined and reports Laterality missing (an Error), so it is kept or sent empty.
+    """
+    if "Laterality" in source:
+        sc["Laterality"] = deepcopy(source["Laterality"])
+    elif "BodyPartExamined" not in sc:
+        sc.Laterality = None
+
+
+def build_key_image_sc(volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext) -> Dataset:
+    """The key-image Secondary Capture of `result` (RGB, burned-in annotation)."""
+    index = key_slice_index(volume, result)
+    source = volume.sources[index]
+    pixels, factor = key_image(volume, result, manifest, index)
+    series_uid = source_series_uid(volume)
+    with no_person_name_warnings():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=derive_result_uid(
+                ctx.org_root, series_uid, manifest.name, manifest.version, "sc-series"
+            ),
+            series_number=SC_SERIES_NUMBER,
+            sop_instance_uid=derive_result_uid(ctx.org_root, series_uid, manifest.name, manifest.version, "sc"),
+            instance_number=1,
+            pixel_spacing=(volume.spacing[1] / factor, volume.spacing[2] / factor),
+            patient_orientation=(patient_orientation(volume.row_direction),
+                                 patient_orientation(volume.column_direction)),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=series_description(manifest, "key image"),
+            **equipment_kwargs(manifest, ctx),
+        )
+    # highdicom writes ConversionType DI (digitized film) and no annotation flag; this is a workstation
+    # rendering with text burned into the pixels.
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.SecondaryCaptureDeviceManufacturer = ctx.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = manifest.name
+    sc.SecondaryCaptureDeviceSoftwareVersions = software_versions(manifest, ctx)
+    sc.DerivationDescription = f"Key image of {manifest.name} {manifest.version} results drawn over the source slice"
+    sc.SourceImageSequence = [source_image_item(source)]
+    copy_patient_study(sc, source)
+    copy_body_part(sc, source)
+    copy_laterality(sc, source)
+    add_provenance(sc, manifest, ctx)
+    return sc

@@ -1,0 +1,216 @@
+"""PipelineResult measurements and findings -> a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+Layout: one TID 1411 volumetric group per segment that has measurements or findings, referencing the
+segment in the SEG (and sharing its TrackingUID), plus one TID 1501 group (no ROI) for series-level
+measurements and findings. The observer is the pipeline as a device; the report is left UNVERIFIED and
+PARTIAL because no person has reviewed it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.pipeline import Finding, Manifest, Measurement, PipelineResult, Segment
+from dicom_ai_node.results.coding import coded
+from dicom_ai_node.results.identity import copy_patient_study, no_person_name_warnings
+from dicom_ai_node.results.provenance import (
+    LO_MAX,
+    ResultContext,
+    add_provenance,
+    device_uid,
+    equipment_kwargs,
+    series_description,
+)
+from dicom_ai_node.results.segments import key_slice_index, sorted_segments, source_series_uid, tracking_uid
+from dicom_ai_node.results.uids import derive_result_uid
+
+SR_SERIES_NUMBER = 9002
+SERIES_GROUP_IDENTIFIER = "Series-level measurements"
+# LOINC "CT Chest"; CID 100 is extensible and its only CT entry is "CT unspecified body region".
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
+PROCEDURES_BY_MODALITY = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
+}
+PROBABILITY_UNIT = Code("1", "UCUM", "no units")
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
+def procedure_reported(source: Dataset) -> Code:
+    """TID 1500 Procedure Reported from the source's Modality and BodyPartExamined."""
+    modality = str(source.get("Modality", ""))
+    if modality == "CT" and str(source.get("BodyPartExamined", "")).upper() in ("CHEST", "LUNG", "THORAX"):
+        return CT_CHEST
+    return PROCEDURES_BY_MODALITY.get(modality, codes.SCT.ImagingProcedure)
+
+
+def observation_context(manifest: Manifest, ctx: ResultContext) -> hd.sr.ObservationContext:
+    """The pipeline as a device observer (TID 1004), with the same DeviceUID as its Contributing Equipment."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid(manifest, ctx),
+        name=ctx.node_name,
+        manufacturer_name=ctx.manufacturer,
+        model_name=manifest.name,
+        serial_number=ctx.device_serial,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def measurement(m: Measurement) -> hd.sr.Measurement:
+    if m.unit.scheme != "UCUM":
+        raise ValueError(f"measurement {m.name.meaning!r}: unit scheme {m.unit.scheme!r} is not UCUM")
+    return hd.sr.Measurement(
+        name=coded(m.name),
+        value=float(m.value),
+        unit=coded(m.unit),
+        method=coded(m.method) if m.method else None,
+    )
+
+
+def qualitative_evaluation(finding: Finding) -> hd.sr.QualitativeEvaluation:
+    """A coded finding; its probability hangs off the CODE item as a HAS PROPERTIES NUM."""
+    evaluation = hd.sr.QualitativeEvaluation(name=coded(finding.name), value=coded(finding.value))
+    if finding.probability is not None:
+        if not 0.0 <= finding.probability <= 1.0:
+            raise ValueError(f"finding {finding.value.meaning!r}: probability {finding.probability} is not in [0, 1]")
+        evaluation[0].ContentSequence = hd.sr.ContentSequence([
+            hd.sr.NumContentItem(
+                name=codes.DCM.Probability,
+                value=float(finding.probability),
+                unit=PROBABILITY_UNIT,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            )
+        ])
+    return evaluation
+
+
+def algorithm_id(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
+
+
+def segment_group(
+    segment: Segment,
+    measurements: Sequence[Measurement],
+    findings: Sequence[Finding],
+    volume: Volume,
+    manifest: Manifest,
+    ctx: ResultContext,
+    seg: Dataset,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one segment, pointing at that segment of the SEG and at the source series."""
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(volume, manifest, ctx, segment.number), identifier=segment.label[:LO_MAX]
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=segment.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid(volume)),
+        ),
+        finding_type=coded(segment.type),
+        finding_category=coded(segment.category),
+        finding_sites=(
+            [hd.sr.FindingSite(coded(segment.anatomic_region),
+                               laterality=coded(segment.laterality) if segment.laterality else None)]
+            if segment.anatomic_region
+            else None
+        ),
+        algorithm_id=algorithm_id(manifest),
+        measurements=[measurement(m) for m in measurements] or None,
+        qualitative_evaluations=[qualitative_evaluation(f) for f in findings] or None,
+    )
+
+
+def series_group(
+    measurements: Sequence[Measurement],
+    findings: Sequence[Finding],
+    volume: Volume,
+    result: PipelineResult,
+    manifest: Manifest,
+    ctx: ResultContext,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for what belongs to no segment; it names the key slice as its source image."""
+    key = volume.sources[key_slice_index(volume, result)]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(volume, manifest, ctx, 0), identifier=SERIES_GROUP_IDENTIFIER
+        ),
+        algorithm_id=algorithm_id(manifest),
+        measurements=[measurement(m) for m in measurements] or None,
+        qualitative_evaluations=[qualitative_evaluation(f) for f in findings] or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(key.SOPClassUID, key.SOPInstanceUID)],
+    )
+
+
+def measurement_groups(
+    volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
+) -> list[Group]:
+    segments = sorted_segments(result, volume)
+    numbers = {s.number for s in segments}
+    for item in (*result.measurements, *result.findings):
+        if item.segment_number is not None and item.segment_number not in numbers:
+            raise ValueError(f"{item.name.meaning!r} refers to segment {item.segment_number}, which does not exist")
+    if segments and seg is None:
+        raise ValueError("the result has segments: the SR must reference their SEG, so pass it")
+    groups: list[Group] = []
+    for segment in segments:
+        ms = [m for m in result.measurements if m.segment_number == segment.number]
+        fs = [f for f in result.findings if f.segment_number == segment.number]
+        if ms or fs:
+            groups.append(segment_group(segment, ms, fs, volume, manifest, ctx, seg))
+    ms = [m for m in result.measurements if m.segment_number is None]
+    fs = [f for f in result.findings if f.segment_number is None]
+    if ms or fs:
+        groups.append(series_group(ms, fs, volume, result, manifest, ctx))
+    return groups
+
+
+def build_sr(
+    volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
+) -> Dataset:
+    """The TID 1500 report of `result`; `seg` is the SEG of its segments (None only when there are none)."""
+    if not (result.measurements or result.findings):
+        raise ValueError(f"series {source_series_uid(volume)}: the result has no measurements or findings to report")
+    source = volume.sources[0]
+    series_uid = source_series_uid(volume)
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(manifest, ctx),
+        procedure_reported=procedure_reported(source),
+        imaging_measurements=measurement_groups(volume, result, manifest, ctx, seg),
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    with no_person_name_warnings():
+        sr = hd.sr.Comprehensive3DSR(
+            # Sources first: highdicom takes patient/study from evidence[0] and its acquisition equipment.
+            evidence=[*volume.sources, *([seg] if seg is not None else [])],
+            content=report[0],
+            series_instance_uid=derive_result_uid(
+                ctx.org_root, series_uid, manifest.name, manifest.version, "sr-series"
+            ),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=derive_result_uid(ctx.org_root, series_uid, manifest.name, manifest.version, "sr"),
+            instance_number=1,
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+            series_description=series_description(manifest, "SR"),
+            **equipment_kwargs(manifest, ctx),
+        )
+    copy_patient_study(sr, source)
+    add_provenance(sr, manifest, ctx)
+    return sr
+

@@ -1,0 +1,375 @@
+"""The "Standards every result meets" of ARCHITECTURE.md as code: a pre-dispatch gate and a test oracle.
+
+`check_result` returns human-readable problems, each naming the tag at fault and never a tag's value (the
+values are PHI); an empty list means the object passes. `gate` runs it over all objects of one result,
+optionally with dciodvfy, and raises ResultValidationError listing every problem.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.charset import convert_encodings
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from dicom_ai_node.pipeline import Manifest
+from dicom_ai_node.results.identity import PATIENT_STUDY_KEYWORDS, PATIENT_STUDY_TYPE2
+from dicom_ai_node.results.provenance import NOT_FOR_DIAGNOSTIC_USE
+from dicom_ai_node.results.writer import save
+
+SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
+SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34"}  # Comprehensive 3D SR, what the node writes
+SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}
+SOURCE_IMAGE_FOR_PROCESSING = "121322"
+OBSERVER_TYPE, DEVICE, DEVICE_OBSERVER_UID = "121005", "121007", "121012"
+REFERENCED_SEGMENT = "121191"
+DCIODVFY_TIMEOUT_S = 120
+
+
+class ResultValidationError(ValueError):
+    """Result objects that must not leave the node; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} problem(s) in result objects:\n" + "\n".join(problems))
+        self.problems = problems
+
+
+def tag_name(keyword: str) -> str:
+    """'PatientName (0010,0010)': how every problem names its tag."""
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} {Tag(tag)}" if tag is not None else keyword
+
+
+def result_kind(ds: Dataset) -> str:
+    """SEG, SR or SC by SOPClassUID; '' for a class the node does not produce."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    for kind, classes in (("SEG", SEG_CLASSES), ("SR", SR_CLASSES), ("SC", SC_CLASSES)):
+        if sop_class in classes:
+            return kind
+    return ""
+
+
+def encoded_value(ds: Dataset, keyword: str) -> bytes:
+    """The element's value as encoded in a file, in `ds`'s character set; b'' when absent."""
+    if keyword not in ds:
+        return b""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = True
+    write_data_element(fp, ds[keyword], convert_encodings(ds.get("SpecificCharacterSet", "ISO_IR 6")))
+    return fp.getvalue()[8:]  # implicit VR: 4 bytes tag, 4 bytes length, then the value
+
+
+def code_values(sequence: object) -> list[str]:
+    return [str(item.get("CodeValue", "")) for item in (sequence or [])]
+
+
+def content_items(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item of an SR tree, depth first."""
+    for item in items:
+        yield item
+        yield from content_items(item.get("ContentSequence", []))
+
+
+def concept_code(item: Dataset) -> str:
+    return (code_values(item.get("ConceptNameCodeSequence")) or [""])[0]
+
+
+# 1. Patient and study tags byte-equal to the source.
+def identity_problems(ds: Dataset, source: Dataset) -> list[str]:
+    problems = []
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in PATIENT_STUDY_TYPE2 and keyword not in ds:
+            problems.append(f"{tag_name(keyword)} is missing (type 2)")
+        elif encoded_value(ds, keyword) != encoded_value(source, keyword):
+            problems.append(f"{tag_name(keyword)} is not byte-equal to the source's")
+    return problems
+
+
+# 2. New Series/SOP Instance UIDs, valid, equal to the file meta.
+def uid_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+    problems = []
+    source_series = {str(s.SeriesInstanceUID) for s in sources}
+    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    for keyword, taken in (("SeriesInstanceUID", source_series), ("SOPInstanceUID", source_sops)):
+        uid = str(ds.get(keyword, ""))
+        if not UID(uid).is_valid:
+            problems.append(f"{tag_name(keyword)} is missing or not a valid UID")
+        elif uid in taken:
+            problems.append(f"{tag_name(keyword)} {uid} reuses a source UID")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        problems.append(f"file meta is missing ({tag_name('TransferSyntaxUID')} absent)")
+        return problems
+    if meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID"):
+        problems.append(f"{tag_name('MediaStorageSOPInstanceUID')} differs from {tag_name('SOPInstanceUID')}")
+    if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID"):
+        problems.append(f"{tag_name('MediaStorageSOPClassUID')} differs from {tag_name('SOPClassUID')}")
+    return problems
+
+
+# 3. References resolve to the source instances.
+def seg_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+    problems = []
+    series_uid = str(sources[0].SeriesInstanceUID)
+    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    series_items = [i for i in ds.get("ReferencedSeriesSequence", []) if i.get("SeriesInstanceUID") == series_uid]
+    if not series_items:
+        problems.append(f"{tag_name('ReferencedSeriesSequence')} does not reference source series {series_uid}")
+    for item in series_items:
+        for ref in item.get("ReferencedInstanceSequence", []):
+            if ref.get("ReferencedSOPInstanceUID") not in source_sops:
+                problems.append(f"{tag_name('ReferencedInstanceSequence')} names "
+                                f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
+    frames = ds.get("PerFrameFunctionalGroupsSequence", [])
+    if not frames:
+        problems.append(f"{tag_name('PerFrameFunctionalGroupsSequence')} is missing or empty")
+    for number, frame in enumerate(frames, start=1):
+        refs = [ref for derivation in frame.get("DerivationImageSequence", [])
+                for ref in derivation.get("SourceImageSequence", [])]
+        if not refs:
+            problems.append(f"frame {number}: {tag_name('DerivationImageSequence')} > "
+                            f"{tag_name('SourceImageSequence')} is missing")
+        for ref in refs:
+            if ref.get("ReferencedSOPInstanceUID") not in source_sops:
+                problems.append(f"frame {number}: {tag_name('SourceImageSequence')} names "
+                                f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
+            if SOURCE_IMAGE_FOR_PROCESSING not in code_values(ref.get("PurposeOfReferenceCodeSequence")):
+                problems.append(f"frame {number}: {tag_name('PurposeOfReferenceCodeSequence')} is not "
+                                f"(DCM {SOURCE_IMAGE_FOR_PROCESSING})")
+    return problems
+
+
+def sr_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None) -> list[str]:
+    keyword = "CurrentRequestedProcedureEvidenceSequence"
+    listed: dict[str, set[str]] = {}
+    for study in ds.get(keyword, []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            sops = {str(i.get("ReferencedSOPInstanceUID")) for i in series.get("ReferencedSOPSequence", [])}
+            listed.setdefault(str(series.get("SeriesInstanceUID")), set()).update(sops)
+    problems = []
+    series_uid = str(sources[0].SeriesInstanceUID)
+    missing = {str(s.SOPInstanceUID) for s in sources} - listed.get(series_uid, set())
+    if series_uid not in listed:
+        problems.append(f"{tag_name(keyword)} does not list source series {series_uid}")
+    elif missing:
+        problems.append(f"{tag_name(keyword)} lacks {len(missing)} instance(s) of source series {series_uid}")
+    if seg is not None and str(seg.SOPInstanceUID) not in set().union(*listed.values()):
+        problems.append(f"{tag_name(keyword)} does not list the SEG {seg.SOPInstanceUID}")
+    return problems
+
+
+def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+    refs = ds.get("SourceImageSequence", [])
+    if not refs:
+        return [f"{tag_name('SourceImageSequence')} is missing or empty"]
+    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    return [
+        f"{tag_name('SourceImageSequence')} names {ref.get('ReferencedSOPInstanceUID')}, not a source instance"
+        for ref in refs
+        if ref.get("ReferencedSOPInstanceUID") not in source_sops
+    ]
+
+
+# 4. Derived and machine-made, and said so.
+def flag_problems(ds: Dataset, kind: str, manifest: Manifest | None) -> list[str]:
+    problems = []
+    if kind in ("SEG", "SC") and (list(ds.get("ImageType", [])) or [""])[0] != "DERIVED":
+        problems.append(f"{tag_name('ImageType')} value 1 is not DERIVED")
+    if kind == "SR" and ds.get("VerificationFlag") != "UNVERIFIED":
+        problems.append(f"{tag_name('VerificationFlag')} is not UNVERIFIED")
+    if kind == "SC":
+        if ds.get("ConversionType") != "WSD":
+            problems.append(f"{tag_name('ConversionType')} is not WSD")
+        if ds.get("BurnedInAnnotation") != "YES":
+            problems.append(f"{tag_name('BurnedInAnnotation')} is not YES")
+    description = str(ds.get("SeriesDescription", ""))
+    if not re.search(r"\bAI\b", description):
+        problems.append(f"{tag_name('SeriesDescription')} does not say AI")
+    if manifest is not None and manifest.model_card.not_for_diagnostic_use \
+            and NOT_FOR_DIAGNOSTIC_USE not in description.lower():
+        problems.append(f"{tag_name('SeriesDescription')} does not say '{NOT_FOR_DIAGNOSTIC_USE}' "
+                        "although the model card does")
+    return problems
+
+
+# 5. Provenance (IHE AI Results).
+def is_pipeline_item(item: Dataset, manifest: Manifest | None) -> bool:
+    if not UID(str(item.get("DeviceUID", ""))).is_valid:
+        return False
+    if manifest is None:
+        return True
+    versions = item.get("SoftwareVersions", [])
+    versions = [versions] if isinstance(versions, str) else list(versions)
+    return item.get("ManufacturerModelName") == manifest.name and manifest.version in versions
+
+
+def provenance_problems(ds: Dataset, kind: str, manifest: Manifest | None) -> list[str]:
+    problems = [f"{tag_name(k)} is missing or empty"
+                for k in ("Manufacturer", "ManufacturerModelName", "SoftwareVersions") if not ds.get(k)]
+    if manifest is not None and ds.get("ManufacturerModelName") and ds.ManufacturerModelName != manifest.name:
+        problems.append(f"{tag_name('ManufacturerModelName')} is not the pipeline name {manifest.name}")
+    if not any(is_pipeline_item(item, manifest) for item in ds.get("ContributingEquipmentSequence", [])):
+        problems.append(f"{tag_name('ContributingEquipmentSequence')} has no item for the pipeline "
+                        f"(ManufacturerModelName, SoftwareVersions and a valid {tag_name('DeviceUID')})")
+    if kind == "SEG":
+        for item in ds.get("SegmentSequence", []):
+            number = item.get("SegmentNumber")
+            if item.get("SegmentAlgorithmType") != "AUTOMATIC":
+                problems.append(f"segment {number}: {tag_name('SegmentAlgorithmType')} is not AUTOMATIC")
+            name = item.get("SegmentAlgorithmName")
+            if not name or (manifest is not None and name != manifest.name):
+                problems.append(f"segment {number}: {tag_name('SegmentAlgorithmName')} is not the pipeline name")
+    if kind == "SR":
+        root = ds.get("ContentSequence", [])
+        is_device = any(concept_code(i) == OBSERVER_TYPE and DEVICE in code_values(i.get("ConceptCodeSequence"))
+                        for i in root)
+        has_uid = any(concept_code(i) == DEVICE_OBSERVER_UID and UID(str(i.get("UID", ""))).is_valid for i in root)
+        if not (is_device and has_uid):
+            problems.append(f"{tag_name('ContentSequence')}: observer context is not a device "
+                            f"(DCM {OBSERVER_TYPE} = DCM {DEVICE} with a DCM {DEVICE_OBSERVER_UID} UID)")
+    return problems
+
+
+# 6. SEG geometry and coding; SR template and segment references.
+def seg_content_problems(ds: Dataset, source: Dataset) -> list[str]:
+    problems = []
+    if ds.get("FrameOfReferenceUID") != source.get("FrameOfReferenceUID"):
+        problems.append(f"{tag_name('FrameOfReferenceUID')} differs from the source's")
+    segments = ds.get("SegmentSequence", [])
+    if not segments:
+        problems.append(f"{tag_name('SegmentSequence')} is missing or empty")
+    for item in segments:
+        for keyword in ("SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence"):
+            codes = item.get(keyword, [])
+            if not codes or not codes[0].get("CodeValue") or not codes[0].get("CodeMeaning") \
+                    or codes[0].get("CodingSchemeDesignator") != "SCT":
+                problems.append(f"segment {item.get('SegmentNumber')}: {tag_name(keyword)} is not a SNOMED CT code")
+    return problems
+
+
+def sr_content_problems(ds: Dataset, seg: Dataset | None) -> list[str]:
+    problems = []
+    templates = ds.get("ContentTemplateSequence", [])
+    if not templates or templates[0].get("TemplateIdentifier") != "1500" \
+            or templates[0].get("MappingResource") != "DCMR":
+        problems.append(f"{tag_name('ContentTemplateSequence')} is not DCMR TID 1500")
+    if seg is None:
+        return problems
+    segment_numbers = {int(s.SegmentNumber) for s in seg.get("SegmentSequence", [])}
+    for item in content_items(ds.get("ContentSequence", [])):
+        if concept_code(item) != REFERENCED_SEGMENT:
+            continue
+        for ref in item.get("ReferencedSOPSequence", []):
+            if ref.get("ReferencedSOPInstanceUID") != seg.SOPInstanceUID:
+                problems.append(f"Referenced Segment: {tag_name('ReferencedSOPInstanceUID')} "
+                                f"{ref.get('ReferencedSOPInstanceUID')} is not the SEG {seg.SOPInstanceUID}")
+            elif int(ref.get("ReferencedSegmentNumber", 0)) not in segment_numbers:
+                problems.append(f"Referenced Segment: {tag_name('ReferencedSegmentNumber')} "
+                                f"{ref.get('ReferencedSegmentNumber')} is not a segment of the SEG")
+    return problems
+
+
+# 7a. highdicom reads it back from its encoded bytes.
+READERS: dict[str, Callable[[Dataset], object]] = {
+    "SEG": hd.seg.Segmentation.from_dataset,
+    "SR": hd.sr.Comprehensive3DSR.from_dataset,
+    "SC": hd.Image.from_dataset,
+}
+
+
+def readback_problems(ds: Dataset, kind: str) -> list[str]:
+    try:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        READERS[kind](pydicom.dcmread(BytesIO(buffer.getvalue())))
+    except Exception as exc:  # noqa: BLE001 - any failure to read back is the finding
+        # Only the exception type: messages of readers can quote element values (PHI).
+        return [f"highdicom cannot read the {kind} back ({type(exc).__name__})"]
+    return []
+
+
+def check_result(
+    ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None
+) -> list[str]:
+    """Problems of result object `ds` made from `sources` (the source series); [] when it meets the standards.
+
+    `seg` is the SEG an SR references (needed to check its segment references); `manifest` enables the
+    checks that depend on the pipeline (name, version, the model card's diagnostic-use flag).
+    """
+    if not sources:
+        return ["no source instances to check against"]
+    kind = result_kind(ds)
+    if not kind:
+        return [f"{tag_name('SOPClassUID')} {ds.get('SOPClassUID', '')} is not a SEG, SR or SC the node produces"]
+    problems = identity_problems(ds, sources[0]) + uid_problems(ds, sources)
+    if kind == "SEG":
+        problems += seg_reference_problems(ds, sources)
+    elif kind == "SR":
+        problems += sr_reference_problems(ds, sources, seg)
+    else:
+        problems += sc_reference_problems(ds, sources)
+    problems += flag_problems(ds, kind, manifest) + provenance_problems(ds, kind, manifest)
+    if kind == "SEG":
+        problems += seg_content_problems(ds, sources[0])
+    elif kind == "SR":
+        problems += sr_content_problems(ds, seg)
+    return problems + readback_problems(ds, kind)
+
+
+def dciodvfy_errors(path: Path) -> list[str] | None:
+    """The Error lines of `dciodvfy -new path` (values redacted), or None when dciodvfy is not installed.
+
+    dciodvfy can print Error lines and still exit 0, so the lines count, not the exit status.
+    """
+    executable = shutil.which("dciodvfy")
+    if executable is None:
+        return None
+    run = subprocess.run([executable, "-new", str(path)], capture_output=True, text=True,
+                         errors="replace", timeout=DCIODVFY_TIMEOUT_S, check=False)
+    errors = [
+        re.sub(r"= <[^>]*>", "= <redacted>", line)  # dciodvfy quotes values; they may be PHI
+        for line in (run.stdout + run.stderr).splitlines()
+        if re.search(r"\bError\b", line)
+    ]
+    if not errors and run.returncode != 0:
+        errors.append(f"dciodvfy exited with status {run.returncode} without an Error line")
+    return errors
+
+
+def gate(
+    datasets: Sequence[Dataset],
+    sources: Sequence[Dataset],
+    manifest: Manifest | None,
+    folder_for_dciodvfy: Path | None = None,
+) -> None:
+    """Raise ResultValidationError listing every problem of the result objects, else return.
+
+    With `folder_for_dciodvfy`, each object is saved there (as `save` names it) and checked by dciodvfy
+    too, where it is installed.
+    """
+    segs = [ds for ds in datasets if result_kind(ds) == "SEG"]
+    seg = segs[0] if segs else None
+    problems: list[str] = []
+    uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
+    problems += [f"SOPInstanceUID {uid} is used by more than one result object"
+                 for uid in sorted({u for u in uids if uids.count(u) > 1})]
+    for ds in datasets:
+        label = f"{result_kind(ds) or 'object'} {ds.get('SOPInstanceUID', '?')}"
+        problems += [f"{label}: {p}" for p in check_result(ds, sources, seg, manifest)]
+        if folder_for_dciodvfy is not None:
+            errors = dciodvfy_errors(save(ds, Path(folder_for_dciodvfy)))
+            problems += [f"{label}: dciodvfy: {line}" for line in errors or []]
+    if problems:
+        raise ResultValidationError(problems)

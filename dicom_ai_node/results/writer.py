@@ -1,0 +1,90 @@
+"""PipelineResult -> the DICOM result objects a pipeline's manifest asks for, and their durable files."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.pipeline import Manifest, PipelineResult
+from dicom_ai_node.results.provenance import ResultContext
+from dicom_ai_node.results.sc import build_key_image_sc
+from dicom_ai_node.results.seg import build_seg
+from dicom_ai_node.results.sr import build_sr
+
+RESULT_KINDS = ("seg", "sr", "sc")
+
+
+def write_results(
+    volume: Volume,
+    result: PipelineResult,
+    manifest: Manifest,
+    ctx: ResultContext,
+    kinds: Sequence[str] = RESULT_KINDS,
+) -> list[Dataset]:
+    """The result objects of `kinds`, SEG before the SR that references it.
+
+    Objects with nothing to encode are not made: no SEG without segments, no SR without measurements or
+    findings (TID 1500 needs at least one group). An SR without segments holds series-level groups only.
+    Every builder copies the patient/study elements from the source and keeps the file meta in step.
+    """
+    unknown = sorted(set(kinds) - set(RESULT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown result kinds {unknown}; known: {', '.join(RESULT_KINDS)}")
+    if "sr" in kinds and result.segments and "seg" not in kinds:
+        raise ValueError("an SR of a result with segments references their SEG: add 'seg' to the kinds")
+    datasets: list[Dataset] = []
+    seg = build_seg(volume, result, manifest, ctx) if "seg" in kinds and result.segments else None
+    if seg is not None:
+        datasets.append(seg)
+    if "sr" in kinds and (result.measurements or result.findings):
+        datasets.append(build_sr(volume, result, manifest, ctx, seg))
+    if "sc" in kinds:
+        datasets.append(build_key_image_sc(volume, result, manifest, ctx))
+    for ds in datasets:
+        sync_file_meta(ds)
+    return datasets
+
+
+def sync_file_meta(ds: Dataset) -> None:
+    """Make the file meta name the dataset's own SOP class and instance (PS3.10)."""
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def file_name(ds: Dataset) -> str:
+    """`<SOPInstanceUID>.dcm`; the UID is validated first because it becomes a path."""
+    uid = str(ds.get("SOPInstanceUID", ""))
+    if not UID(uid).is_valid:
+        raise ValueError(f"SOPInstanceUID {uid!r} is not a valid UID; refusing to use it as a file name")
+    return f"{uid}.dcm"
+
+
+def save(ds: Dataset, folder: Path) -> Path:
+    """Write `ds` into `folder` atomically (tmp file, fsync, rename, fsync of the folder); returns its path.
+
+    A re-save of the same object replaces the file, so readers see the old or the new file, never a part.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / file_name(ds)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            ds.save_as(fp, enforce_file_format=True)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+    return target
