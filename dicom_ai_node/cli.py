@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import ConfigError, NodeConfig, load_config, with_overrides
+from dicom_ai_node.pipeline import ManifestError
 
 log = logging.getLogger("dicom_ai_node")
 
@@ -22,6 +23,7 @@ def _setup_logging(verbose: bool) -> None:
     )
     # pynetdicom's INFO lines are per-message chatter; its warnings and errors still show.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
+import highdicom as hd
+import pydicom
 from pynetdicom import AE, evt
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -59,6 +62,19 @@ def run_demo(config: NodeConfig, host: str = "127.0.0.1", wait_s: float = 600.0)
     return _follow(JobStore(config.db_path), config, series_uid, wait_s)
 
 
+def describe_result(path: Path) -> str:
+    """One line per result object; for an SR, its measurements."""
+    ds = pydicom.dcmread(path)
+    line = f"{ds.Modality} \"{ds.SeriesDescription}\" ({path.name})"
+    if ds.Modality == "SR":
+        report = hd.sr.Comprehensive3DSR.from_dataset(ds)
+        groups = report.content.get_volumetric_roi_measurement_groups() + report.content.get_image_measurement_groups()
+        for group in groups:
+            for m in group.get_measurements():
+                line += f"\n      {group.tracking_identifier}: {m.name.meaning} = {float(m.value):.1f} {m.unit.value}"
+    return line
+
+
 def _follow(store: JobStore, config: NodeConfig, series_uid: str, wait_s: float) -> int:
     deadline = time.time() + wait_s
     last = ""
@@ -82,7 +98,7 @@ def _follow(store: JobStore, config: NodeConfig, series_uid: str, wait_s: float)
         if jobs and all(j.state == "done" for j in jobs) and sends and all(s.state in ("sent", "dead") for s in sends):
             for s in sends:
                 where = config.outbox_dir if s.destination == "outbox" else s.destination
-                print(f"  {s.state}: {s.path} -> {where}")
+                print(f"  {s.state} to {where}: {describe_result(Path(s.path))}")
             return 0 if all(s.state == "sent" for s in sends) else 1
         time.sleep(0.5)
     print(f"gave up after {wait_s:g} s; see `dicom-ai-node status`")

@@ -40,6 +40,7 @@ class SendOutcome:
     send_id: int
     ok: bool
     error: str = ""
+    status: int | None = None  # the peer's C-STORE status, when it answered
 
 
 class Dispatcher:
@@ -66,7 +67,8 @@ class Dispatcher:
     def _record(self, send: SendRow, outcome: SendOutcome) -> None:
         if outcome.ok:
             self.store.mark_sent(send.id)
-            self.audit.write("result-sent", sop_uid=send.sop_uid, destination=send.destination, job_id=send.job_id)
+            self.audit.write("result-sent", sop_uid=send.sop_uid, destination=send.destination, job_id=send.job_id,
+                             status=None if outcome.status is None else f"0x{outcome.status:04X}")
             return
         attempts = send.attempts + 1
         policy = self.config.dispatch
@@ -124,8 +126,8 @@ class Dispatcher:
         except (OSError, ValueError) as exc:  # missing file or no accepted context for the SOP class
             return SendOutcome(send.id, False, str(exc))
         code = int(getattr(status, "Status", -1)) if status else -1
-        if code in STORED_STATUSES:
-            return SendOutcome(send.id, True)
         if code == -1:
             return SendOutcome(send.id, False, "no response (timeout or abort)")
-        return SendOutcome(send.id, False, f"C-STORE status 0x{code:04X}")
+        if code in STORED_STATUSES:
+            return SendOutcome(send.id, True, status=code)
+        return SendOutcome(send.id, False, f"C-STORE status 0x{code:04X}", status=code)

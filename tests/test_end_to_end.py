@@ -2,6 +2,7 @@
 ct_lung and sends SEG + TID 1500 SR + key-image SC back to Orthanc, and every object meets the standards."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import highdicom as hd
@@ -92,3 +93,6 @@ peers:
     sends = node.store.sends()
     assert len(sends) == 3 and all(s.state == "sent" for s in sends)
     assert all(s.destination == orthanc.aet for s in sends)
+    audit = [json.loads(line) for line in node.config.audit_path.read_text().splitlines()]
+    statuses = [r["status"] for r in audit if r["event"] == "result-sent"]
+    assert statuses == ["0x0000"] * 3

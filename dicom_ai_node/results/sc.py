@@ -108,7 +108,7 @@ def key_image(volume: Volume, result: PipelineResult, manifest: Manifest, index:
     segments = sorted_segments(result, volume)
     for segment in segments:
         mask = (segment.mask[index] > 0.5).repeat(factor, axis=0).repeat(factor, axis=1)
-        rgb[outline(mask, thickness=max(1, factor // 2))] = segment_colour(segment)
+        rgb[outline(mask, thickness=max(2, factor))] = segment_colour(segment)  # visible at any zoom
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     size = max(12, image.width // 24)  # about 10 px tall even when a viewer shows it at 256 px
