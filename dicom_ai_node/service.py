@@ -14,7 +14,7 @@ from dicom_ai_node.assemble import SeriesComplete, SeriesProgress, series_comple
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, ConfigError, NodeConfig
 from dicom_ai_node.dispatch import Dispatcher
-from dicom_ai_node.jobs.executor import LocalExecutor
+from dicom_ai_node.jobs.executor import JobSpec, LocalExecutor
 from dicom_ai_node.jobs.store import JobStore, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
 from dicom_ai_node.receive.scp import Receiver
@@ -73,6 +73,7 @@ class NodeService:
         self.audit = AuditLog(config.audit_path)
         self.receiver = Receiver(config, self.store, self.audit)
         self.dispatcher = Dispatcher(config, self.store, self.audit)
+        self.executor: LocalExecutor | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -85,8 +86,10 @@ class NodeService:
         if requeued:
             log.info("recovered %d job(s) left running by the previous process", requeued)
         self.receiver.start()
+        self.executor = LocalExecutor(self.config, self.manifests)
         loops = [("assemble", self._assemble_loop), ("dispatch", self._dispatch_loop)]
-        loops += [(f"worker-{i}", self._worker_loop) for i in range(self.config.workers.count)]
+        # One thread per worker process feeds it jobs and records their outcome in the store.
+        loops += [(f"worker-{i}", self._worker_loop) for i in range(self.executor.workers)]
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
             thread.start()
@@ -97,6 +100,8 @@ class NodeService:
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def serve_forever(self) -> None:
         self.start()
@@ -135,11 +140,11 @@ class NodeService:
         job = self.store.claim_job(JOB_LEASE_S)
         if job is None:
             return False
-        executor = self._executor()
+        assert self.executor is not None
         paths = self.store.instance_paths(job.series_uid)
         log.info("job %d: %s on series %s (%d instances)", job.id, job.pipeline, job.series_uid, len(paths))
         try:
-            files, timings = executor.execute(job.id, job.pipeline, paths)
+            outcome = self.executor.submit(JobSpec(job.id, job.pipeline, tuple(paths))).result()
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; the node carries on
             reason = f"{type(exc).__name__}: {exc}"
             log.error("job %d failed: %s", job.id, reason)
@@ -148,21 +153,13 @@ class NodeService:
                              error=reason)
             return True
         manifest = self.manifests[job.pipeline]
+        files = outcome.files
         self.store.finish_job(job.id, [(f.sop_uid, f.sop_class_uid, str(f.path)) for f in files], job.destinations)
-        log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items()))
+        log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()))
         self.audit.write("job-done", job_id=job.id, series_uid=job.series_uid, pipeline=manifest.name,
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],
                          destinations=job.destinations)
         return True
-
-    def _executor(self) -> LocalExecutor:
-        # One executor per worker thread keeps its pipelines warm across jobs.
-        local = threading.current_thread()
-        executor = getattr(local, "executor", None)
-        if executor is None:
-            executor = LocalExecutor(self.config, self.manifests)
-            local.executor = executor  # type: ignore[attr-defined]
-        return executor
 
     def _dispatch_loop(self) -> bool:
         return self.dispatcher.run_once() > 0

@@ -1,21 +1,26 @@
-"""Local executor: runs one job (series x pipeline) in this process with warm pipeline instances.
+"""Executors: where a job (series x pipeline) runs.
 
-load volume -> run pipeline -> write DICOM results -> validation gate -> results saved on disk.
-The job store is updated by the caller; this module only computes and writes files.
+A job is: load the series as a Volume -> run the pipeline -> write DICOM results -> validation gate.
+`LocalExecutor` runs whole jobs in worker processes (one per GPU, or `workers.count` on CPU), each keeping
+its pipelines warm between jobs. The Ray executor (jobs/ray_executor.py) loads and writes on the node and
+sends only inference to pipeline actors on a Ray cluster. The job store is updated by the caller.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+import multiprocessing
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from pydicom.dataset import Dataset
+from typing import Protocol
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeConfig
-from dicom_ai_node.imaging.volume import load_volume
-from dicom_ai_node.pipeline import Manifest, Pipeline, RunContext, instantiate
+from dicom_ai_node.imaging.volume import Volume, load_volume
+from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import gate
 from dicom_ai_node.results.writer import file_name, write_results
@@ -23,8 +28,8 @@ from dicom_ai_node.results.writer import file_name, write_results
 log = logging.getLogger("dicom_ai_node.jobs")
 
 
-def select_device(preference: str) -> str:
-    """'cuda' when asked for (or 'auto') and a CUDA device is usable, else 'cpu'."""
+def select_device(preference: str, index: int = 0) -> str:
+    """'cuda:<index mod GPUs>' when asked for (or 'auto') and CUDA is usable, else 'cpu'."""
     if preference == "cpu":
         return "cpu"
     try:
@@ -32,10 +37,25 @@ def select_device(preference: str) -> str:
     except ImportError:
         return "cpu"
     if torch.cuda.is_available():
-        return "cuda"
+        return f"cuda:{index % torch.cuda.device_count()}"
     if preference == "cuda":
         log.warning("workers.device is cuda but no CUDA device is usable: running on cpu")
     return "cpu"
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: int
+    pipeline: str
+    instance_paths: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -47,28 +67,43 @@ class ResultFile:
 
 
 @dataclass
-class JobTimings:
-    stages: dict[str, float] = field(default_factory=dict)
-
-    def measure(self, stage: str, start: float) -> float:
-        now = time.perf_counter()
-        self.stages[stage] = now - start
-        return now
+class JobOutcome:
+    files: list[ResultFile]
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: load, infer, write, validate
 
 
-class LocalExecutor:
-    """Keeps one instance of each pipeline warm (models loaded once per worker)."""
+class Executor(Protocol):
+    def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]": ...
 
-    def __init__(self, config: NodeConfig, manifests: dict[str, Manifest]) -> None:
+    def shutdown(self) -> None: ...
+
+
+def result_context(config: NodeConfig) -> ResultContext:
+    return ResultContext(org_root=config.node.org_root, software_version=__version__,
+                         institution_name=config.node.institution_name)
+
+
+def write_validated_results(
+    job_id: int, volume: Volume, result: PipelineResult, manifest: Manifest, config: NodeConfig,
+) -> list[ResultFile]:
+    """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate."""
+    datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs))
+    folder = config.results_dir / f"job-{job_id:08d}"
+    gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
+    return [
+        ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), folder / file_name(ds), str(ds.Modality))
+        for ds in datasets
+    ]
+
+
+class JobRunner:
+    """Runs whole jobs in the current process, keeping one warm instance of each pipeline."""
+
+    def __init__(self, config: NodeConfig, manifests: dict[str, Manifest], device: str) -> None:
         self.config = config
         self.manifests = manifests
-        self.device = select_device(config.workers.device)
+        self.device = device
         self._warm: dict[str, Pipeline] = {}
-        self.result_context = ResultContext(
-            org_root=config.node.org_root,
-            software_version=__version__,
-            institution_name=config.node.institution_name,
-        )
 
     def pipeline(self, name: str) -> Pipeline:
         if name not in self._warm:
@@ -77,23 +112,75 @@ class LocalExecutor:
             self._warm[name] = pipeline
         return self._warm[name]
 
-    def execute(self, job_id: int, pipeline_name: str, instance_paths: list[str]) -> tuple[list[ResultFile], JobTimings]:
-        timings = JobTimings()
+    def run(self, job: JobSpec) -> JobOutcome:
+        stages: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_volume([Path(p) for p in instance_paths])
-        t = timings.measure("load", t)
-        pipeline = self.pipeline(pipeline_name)
-        manifest = pipeline.manifest
+        volume = load_volume([Path(p) for p in job.instance_paths])
+        stages["load"], t = time.perf_counter() - t, time.perf_counter()
+        pipeline = self.pipeline(job.pipeline)
         result = pipeline.run(volume, RunContext(device=self.device))
-        t = timings.measure("infer", t)
-        datasets: list[Dataset] = write_results(volume, result, manifest, self.result_context, kinds=tuple(manifest.outputs))
-        t = timings.measure("write", t)
-        folder = self.config.results_dir / f"job-{job_id:08d}"
-        gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
-        paths = [folder / file_name(ds) for ds in datasets]
-        timings.measure("validate", t)
-        files = [
-            ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path, str(ds.Modality))
-            for ds, path in zip(datasets, paths)
-        ]
-        return files, timings
+        stages["infer"], t = time.perf_counter() - t, time.perf_counter()
+        files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config)
+        stages["write+validate"] = time.perf_counter() - t
+        return JobOutcome(files, stages)
+
+
+# -- worker processes ------------------------------------------------------------------------------------
+
+_RUNNER: JobRunner | None = None
+
+
+def _die_with_parent() -> None:
+    # A worker must not outlive a node killed with SIGKILL: it would keep writing results nobody records.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _init_worker(
+    config_json: str, manifests_json: dict[str, tuple[str, str]], slot_counter, device_preference: str,
+) -> None:
+    global _RUNNER
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    with slot_counter.get_lock():
+        slot = slot_counter.value
+        slot_counter.value += 1
+    config = NodeConfig.model_validate_json(config_json)
+    manifests = {}
+    for name, (text, folder) in manifests_json.items():
+        manifests[name] = Manifest.model_validate_json(text)
+        manifests[name].folder = Path(folder)  # excluded from the JSON: it is where the code is, not config
+    _RUNNER = JobRunner(config, manifests, select_device(device_preference, slot))
+    log.info("worker %d (pid %d) ready on %s", slot, os.getpid(), _RUNNER.device)
+
+
+def _run_in_worker(job: JobSpec) -> JobOutcome:
+    assert _RUNNER is not None, "worker not initialised"
+    return _RUNNER.run(job)
+
+
+class LocalExecutor:
+    """Jobs in worker processes: one per GPU when there are GPUs, else `workers.count` CPU workers."""
+
+    def __init__(self, config: NodeConfig, manifests: dict[str, Manifest]) -> None:
+        gpus = gpu_count() if config.workers.device != "cpu" else 0
+        self.workers = gpus or config.workers.count
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding sockets and threads
+        slots = context.Value("i", 0)
+        manifests_json = {name: (m.model_dump_json(), str(m.folder)) for name, m in manifests.items()}
+        self._pool = cf.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=context, initializer=_init_worker,
+            initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device),
+        )
+
+    def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]":
+        return self._pool.submit(_run_in_worker, job)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
