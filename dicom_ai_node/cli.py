@@ -102,8 +102,9 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_ai_node.assemble import SeriesProgress, SeriesWaiting, series_completion
+    from dicom_ai_node.assemble import SeriesWaiting, series_completion
     from dicom_ai_node.jobs.store import JobStore
+    from dicom_ai_node.service import completion_policy, series_progress
 
     config = _config(args)
     if not config.db_path.exists():
@@ -111,25 +112,49 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     store = JobStore(config.db_path)
     now = time.time()
+    policy = completion_policy(config)
     print("SERIES")
     for s in store.all_series():
         line = f"  {s.series_uid}  {s.state:<9} {s.instances:>5} inst  from {s.calling_ae}"
         if s.state == "receiving":
-            decision = series_completion(SeriesProgress(s.series_uid, s.instances, s.first_received, s.last_received),
-                                         now, config.completion.quiet_period_s)
+            decision = series_completion(series_progress(s, store.instances(s.series_uid), config), now, policy)
             if isinstance(decision, SeriesWaiting):
                 line += f"  waiting {decision.remaining_s:.0f} s more: {decision.reason}"
+            else:
+                line += f"  complete, routing now: {decision.reason}"
         elif s.note:
             line += f"  {s.note}"
         print(line)
     print("JOBS")
     for j in store.jobs():
+        sends = store.sends(j.id)
+        sent = sum(x.state == "sent" for x in sends)
+        progress = f" sent {sent}/{len(sends)}" if sends else ""
         error = f"  error: {j.last_error}" if j.last_error else ""
-        print(f"  #{j.id:<5} {j.state:<8} {j.pipeline:<12} series {j.series_uid} attempts {j.attempts}{error}")
-    print("SENDS")
-    for s in store.sends():
-        error = f"  error: {s.last_error}" if s.last_error else ""
-        print(f"  job #{s.job_id:<5} {s.state:<7} -> {s.destination:<16} {s.sop_uid} attempts {s.attempts}{error}")
+        print(f"  #{j.id:<5} {j.state:<11} {j.pipeline:<14} series {j.series_uid} attempts {j.attempts}{progress}{error}")
+    dead = [s for s in store.sends() if s.state == "dead"]
+    print(f"DEAD-LETTER ({len(dead)}; `dicom-ai-node replay` sends them again)")
+    for s in dead:
+        print(f"  job #{s.job_id:<5} -> {s.destination:<16} {s.sop_uid} attempts {s.attempts}  error: {s.last_error}")
+    print("DESTINATIONS")
+    for d in store.destinations():
+        state = f"paused for {d.open_until - now:.0f} s" if d.open_until > now else "open for sends"
+        print(f"  {d.name:<16} {state}; {d.consecutive_failures} consecutive failures; last error: {d.last_error}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dicom_ai_node.audit import AuditLog
+    from dicom_ai_node.jobs.store import JobStore
+
+    if not (args.study or args.destination or args.all):
+        print("replay: say what to send again: --study UID, --destination AE, or --all", file=sys.stderr)
+        return 2
+    config = _config(args)
+    store = JobStore(config.db_path)
+    count = store.replay(study_uid=args.study, destination=args.destination)
+    AuditLog(config.audit_path).write("replay", study_uid=args.study, destination=args.destination, sends=count)
+    print(f"queued {count} dead-lettered send(s) again; the running node delivers them")
     return 0
 
 
@@ -164,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test_rule)
     with_config(sub.add_parser("status", help="series, jobs and sends, and why series wait")).set_defaults(
         func=cmd_status)
+    p = with_config(sub.add_parser("replay", help="send dead-lettered results again"))
+    p.add_argument("--study", help="only this StudyInstanceUID")
+    p.add_argument("--destination", help="only this destination AE title (or outbox)")
+    p.add_argument("--all", action="store_true", help="every dead-lettered send")
+    p.set_defaults(func=cmd_replay)
     p = with_config(sub.add_parser("demo", help="push a synthetic chest CT to a running node and wait for results"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results (0: do not wait)")

@@ -70,40 +70,120 @@ class Peer(Strict):
     check_ip: bool = True
 
 
+def _check_conditions(match: dict[str, Any], special: set[str]) -> dict[str, Any]:
+    from dicom_ai_node.route import parse_condition  # the grammar lives with the matcher
+
+    for key, value in match.items():
+        if key not in special and tag_for_keyword(key) is None:
+            raise ValueError(f"match key {key!r} is not a DICOM keyword (nor one of {sorted(special)})")
+        parse_condition(key, value)
+    return match
+
+
+class StudyRequirementModel(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    match: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("match")
+    @classmethod
+    def _known_keywords(cls, match: dict[str, Any]) -> dict[str, Any]:
+        return _check_conditions(match, set())
+
+
+class StudyRuleModel(Strict):
+    """A study-level wait: rules that name it run only once every required series is complete."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    requires: list[StudyRequirementModel] = Field(min_length=1)
+    timeout_s: float = Field(900.0, gt=0)  # from the study's first instance
+    on_timeout: Literal["run", "fail"] = "run"  # run with the complete series, or give up with a note
+
+
 class Completion(Strict):
     quiet_period_s: float = Field(60.0, gt=0)
+    modality_quiet_period_s: dict[str, float] = Field(default_factory=dict)  # e.g. {CT: 30, MR: 90}
+    after_release_s: float | None = Field(5.0, ge=0)  # wait after the sender released; null: no shortening
+    settle_s: float = Field(1.0, ge=0)  # wait once the expected instance count has arrived
+    max_wait_s: float = Field(3600.0, gt=0)  # a series still receiving this long is completed regardless
+    studies: list[StudyRuleModel] = Field(default_factory=list)
+
+    @field_validator("modality_quiet_period_s")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for modality, seconds in value.items():
+            if seconds <= 0:
+                raise ValueError(f"{modality}: quiet period must be > 0 s")
+        return value
 
 
 class Rule(Strict):
+    """When a complete series matches, process it with pipelines and/or forward its instances."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     match: dict[str, Any] = Field(default_factory=dict)
-    pipelines: list[str] = Field(min_length=1)
-    destinations: list[str] | None = None  # None: back to the sending peer, else the outbox
+    action: Literal["process", "forward", "both"] = "process"
+    pipelines: list[str] = Field(default_factory=list)
+    destinations: list[str] | None = None  # results; None: back to the sending peer, else the outbox
+    forward_to: list[str] = Field(default_factory=list)  # where received instances are forwarded
+    forward_filter: dict[str, Any] = Field(default_factory=dict)  # per-instance conditions, e.g. SOPClassUID
+    quiet_period_s: float | None = Field(None, gt=0)  # overrides the completion quiet period for its series
+    study: str | None = None  # name of a completion.studies entry to wait for before this rule runs
     priority: int = 0
 
     @field_validator("match")
     @classmethod
     def _known_keywords(cls, match: dict[str, Any]) -> dict[str, Any]:
-        from dicom_ai_node.route import parse_condition  # the grammar lives with the matcher
+        return _check_conditions(match, SPECIAL_MATCH_KEYS)
 
-        for key, value in match.items():
-            if key not in SPECIAL_MATCH_KEYS and tag_for_keyword(key) is None:
-                raise ValueError(f"match key {key!r} is not a DICOM keyword (nor one of {sorted(SPECIAL_MATCH_KEYS)})")
-            parse_condition(key, value)
-        return match
+    @field_validator("forward_filter")
+    @classmethod
+    def _known_filter_keywords(cls, match: dict[str, Any]) -> dict[str, Any]:
+        return _check_conditions(match, set())
+
+    @model_validator(mode="after")
+    def _action_has_targets(self) -> "Rule":
+        if self.action in ("process", "both") and not self.pipelines:
+            raise ValueError(f"action {self.action!r} needs at least one pipeline in 'pipelines'")
+        if self.action in ("forward", "both") and not self.forward_to:
+            raise ValueError(f"action {self.action!r} needs at least one destination in 'forward_to'")
+        return self
+
+    @property
+    def processes(self) -> bool:
+        return self.action in ("process", "both")
+
+    @property
+    def forwards(self) -> bool:
+        return self.action in ("forward", "both")
 
 
 class Dispatch(Strict):
-    attempts: int = Field(5, ge=1)
+    """Retries per destination: exponential backoff up to a cap; dead-letter after max_age_s."""
+
     initial_delay_s: float = Field(5.0, ge=0)
     backoff_factor: float = Field(2.0, ge=1)
     max_delay_s: float = Field(300.0, ge=0)
+    max_age_s: float = Field(86400.0, gt=0)  # a send still failing this long after it was queued is dead
+    max_attempts: int | None = Field(None, ge=1)  # optional cap on attempts as well
     timeout_s: float = Field(30.0, gt=0)
+    # Circuit breaker: after this many consecutive failed associations a destination is left alone for
+    # breaker_open_s (then one association is tried again), so a PACS that is down is not hammered.
+    breaker_failures: int = Field(3, ge=1)
+    breaker_open_s: float = Field(60.0, ge=0)
+
+
+class Retention(Strict):
+    """Spool data of series whose jobs are all finished is removed after spool_days (0: keep forever)."""
+
+    spool_days: float = Field(7.0, ge=0)
+    results_days: float = Field(30.0, ge=0)
 
 
 class Workers(Strict):
-    count: int = Field(1, ge=1, le=64)
+    executor: Literal["local", "ray"] = "local"
+    count: int = Field(1, ge=1, le=64)  # CPU worker processes (with GPUs: one worker per GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str = "auto"  # executor ray: address of an existing Ray cluster
 
 
 class NodeConfig(Strict):
@@ -114,14 +194,18 @@ class NodeConfig(Strict):
     rules: list[Rule] = Field(default_factory=lambda: [Rule.model_validate(r) for r in DEFAULT_RULES])
     dispatch: Dispatch = Field(default_factory=Dispatch)
     workers: Workers = Field(default_factory=Workers)
+    retention: Retention = Field(default_factory=Retention)
 
     @model_validator(mode="after")
     def _destinations_are_peers(self) -> "NodeConfig":
         names = {p.ae_title for p in self.peers}
         if len(names) != len(self.peers):
             raise ValueError("peers: two peers share one ae_title")
+        studies = {study.name for study in self.completion.studies}
         for i, rule in enumerate(self.rules):
-            for dest in rule.destinations or []:
+            if rule.study is not None and rule.study not in studies:
+                raise ValueError(f"rules[{i}] ({rule.name}): study {rule.study!r} is not in completion.studies")
+            for dest in (rule.destinations or []) + rule.forward_to:
                 if dest != OUTBOX and dest not in names:
                     raise ValueError(
                         f"rules[{i}] ({rule.name}): destination {dest!r} is not a configured peer ae_title "

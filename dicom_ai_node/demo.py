@@ -11,13 +11,13 @@ from pathlib import Path
 
 import highdicom as hd
 import pydicom
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.phantom import make_chest_phantom
-from dicom_ai_node.receive.scp import _set_tcp_nodelay
+from dicom_ai_node.net import NODELAY_HANDLERS
 
 DEMO_AE = "DEMO_PACS"
 
@@ -27,7 +27,7 @@ def push_datasets(datasets, host: str, port: int, called_ae: str, calling_ae: st
     ae = AE(ae_title=calling_ae)
     for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay)])
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NODELAY_HANDLERS)
     if not assoc.is_established:
         raise ConnectionError(f"could not associate with {called_ae} at {host}:{port} (is `dicom-ai-node serve` running?)")
     stored = 0

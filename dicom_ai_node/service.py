@@ -5,25 +5,41 @@ through the job store, so a crash anywhere resumes from the last committed state
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
 
-from dicom_ai_node.assemble import SeriesComplete, SeriesProgress, series_completion
+from dicom_ai_node.assemble import (
+    CompletionPolicy,
+    SeriesComplete,
+    SeriesProgress,
+    StudyReady,
+    StudyRequirement,
+    StudyRule,
+    StudyTimedOut,
+    StudyWaiting,
+    expected_instance_count,
+    series_completion,
+    study_completion,
+)
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, ConfigError, NodeConfig
 from dicom_ai_node.dispatch import Dispatcher
-from dicom_ai_node.jobs.executor import JobSpec, LocalExecutor
-from dicom_ai_node.jobs.store import JobStore, SeriesRow
+from dicom_ai_node.jobs.executor import Executor, JobSpec, LocalExecutor
+from dicom_ai_node.jobs.store import InstanceRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
 from dicom_ai_node.receive.scp import Receiver
-from dicom_ai_node.route import assignments, route
+from dicom_ai_node.route import header_values, parse_condition, route
 
 log = logging.getLogger("dicom_ai_node.service")
 
 POLL_S = 0.25
 JOB_LEASE_S = 3600.0
+RETENTION_EVERY_S = 600.0
+MAX_WORKER_CRASHES = 3  # a job whose worker process died this often is failed, not retried again
 
 
 def load_pipelines(config: NodeConfig) -> dict[str, Manifest]:
@@ -39,28 +55,105 @@ def load_pipelines(config: NodeConfig) -> dict[str, Manifest]:
     return manifests
 
 
+def completion_policy(config: NodeConfig) -> CompletionPolicy:
+    c = config.completion
+    return CompletionPolicy(
+        quiet_period_s=c.quiet_period_s,
+        modality_quiet_period_s=dict(c.modality_quiet_period_s),
+        after_release_s=c.after_release_s,
+        settle_s=c.settle_s,
+        max_wait_s=c.max_wait_s,
+    )
+
+
+def study_rules(config: NodeConfig) -> dict[str, StudyRule]:
+    return {
+        study.name: StudyRule(
+            study.name, tuple(StudyRequirement(r.name, r.match) for r in study.requires), study.timeout_s,
+            study.on_timeout,
+        )
+        for study in config.completion.studies
+    }
+
+
+def series_progress(series: SeriesRow, instances: list[InstanceRow], config: NodeConfig) -> SeriesProgress:
+    """What the completion decision needs of a series: counts, times, hints and rule overrides."""
+    firing = {d.rule for d in route(config.rules, series.header, series.calling_ae) if d.fires}
+    rule_quiet = [r.quiet_period_s for r in config.rules if r.name in firing and r.quiet_period_s is not None]
+    return SeriesProgress(
+        series_uid=series.series_uid,
+        study_uid=series.study_uid,
+        modality=series.modality,
+        instances=series.instances,
+        first_received=series.first_received,
+        last_received=series.last_received,
+        expected_instances=expected_instance_count([i.header for i in instances], series.expected_instances),
+        released_at=series.released_at,
+        rule_quiet_period_s=max(rule_quiet) if rule_quiet else None,
+    )
+
+
 def default_destinations(config: NodeConfig, calling_ae: str) -> list[str]:
     """Results go back to the sender when it is a configured peer, else to the outbox folder."""
     return [calling_ae] if config.peer(calling_ae) is not None else [OUTBOX]
 
 
-def plan_jobs(config: NodeConfig, series: SeriesRow) -> tuple[list[tuple[str, str, list[str]]], str]:
-    """The jobs (pipeline, rule, destinations) a complete series gets, and a note saying why."""
+def forward_selection(rule, instances: list[InstanceRow]) -> tuple[str, ...]:
+    """SOP Instance UIDs of the instances that pass the rule's forward_filter (all when it has none)."""
+    conditions = [parse_condition(key, spec) for key, spec in rule.forward_filter.items()]
+    return tuple(
+        i.sop_uid for i in instances
+        if all(c.test(header_values({**i.header, "SOPClassUID": i.sop_class_uid}, c.key)) for c in conditions)
+    )
+
+
+def plan_jobs(
+    config: NodeConfig, series: SeriesRow, instances: list[InstanceRow], failed_studies: dict[str, str] | None = None,
+) -> tuple[list[PlannedJob], str]:
+    """The jobs a complete series gets (each pipeline at most once, from the highest-priority rule naming
+    it; one forward job per forwarding rule), and a note saying why. Rules whose study-level wait failed
+    (`failed_studies`: study name -> reason) do not run."""
+    failed_studies = failed_studies or {}
     decisions = route(config.rules, series.header, series.calling_ae)
-    chosen = assignments(decisions)
-    jobs = [
-        (a.pipeline, a.rule, list(a.destinations) if a.destinations is not None
-         else default_destinations(config, series.calling_ae))
-        for a in chosen
-    ]
+    rules = {rule.name: rule for rule in config.rules}
+    jobs: list[PlannedJob] = []
+    skipped: list[str] = []
+    planned_pipelines: set[str] = set()
+    for decision in decisions:
+        if not decision.fires:
+            continue
+        rule = rules[decision.rule]
+        if rule.study in failed_studies:
+            skipped.append(f"{rule.name}: {failed_studies[rule.study]}")
+            continue
+        if rule.processes:
+            destinations = list(rule.destinations) if rule.destinations is not None else default_destinations(
+                config, series.calling_ae)
+            for name in rule.pipelines:
+                if name not in planned_pipelines:
+                    planned_pipelines.add(name)
+                    jobs.append(PlannedJob("pipeline", name, rule.name, destinations))
+        if rule.forwards:
+            jobs.append(PlannedJob("forward", f"forward:{rule.name}", rule.name, list(rule.forward_to),
+                                   forward_selection(rule, instances)))
     if jobs:
-        note = "routed by " + ", ".join(sorted({a.rule for a in chosen}))
+        note = "routed by " + ", ".join(sorted({j.rule for j in jobs}))
+    elif skipped:
+        note = "not run: " + "; ".join(skipped)
     else:
         note = "no rule fired: " + "; ".join(
             f"{d.rule}: " + ", ".join(f"{o.key} is {o.actual}" for o in d.outcomes if not o.holds)
             for d in decisions
         )
     return jobs, note
+
+
+def make_executor(config: NodeConfig, manifests: dict[str, Manifest]) -> Executor:
+    if config.workers.executor == "ray":
+        from dicom_ai_node.jobs.ray_executor import RayExecutor  # ray is an optional extra
+
+        return RayExecutor(config, manifests, config.workers.ray_address)
+    return LocalExecutor(config, manifests)
 
 
 class NodeService:
@@ -73,22 +166,29 @@ class NodeService:
         self.audit = AuditLog(config.audit_path)
         self.receiver = Receiver(config, self.store, self.audit)
         self.dispatcher = Dispatcher(config, self.store, self.audit)
-        self.executor: LocalExecutor | None = None
+        self.completion = completion_policy(config)
+        self.studies = study_rules(config)
+        self.executor: Executor | None = None
+        self._executor_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._next_retention = 0.0
 
     @property
     def port(self) -> int:
         return self.receiver.port
 
     def start(self) -> None:
+        removed = remove_partial_writes(self.config.spool_dir)
+        if removed:
+            log.info("removed %d partial spool file(s) left by the previous process", removed)
         requeued = self.store.requeue_running()
         if requeued:
             log.info("recovered %d job(s) left running by the previous process", requeued)
+        self.executor = make_executor(self.config, self.manifests)
         self.receiver.start()
-        self.executor = LocalExecutor(self.config, self.manifests)
         loops = [("assemble", self._assemble_loop), ("dispatch", self._dispatch_loop)]
-        # One thread per worker process feeds it jobs and records their outcome in the store.
+        # One thread per worker feeds it jobs and records their outcome in the store.
         loops += [(f"worker-{i}", self._worker_loop) for i in range(self.executor.workers)]
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
@@ -100,6 +200,7 @@ class NodeService:
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        self.dispatcher.shutdown()
         if self.executor is not None:
             self.executor.shutdown()
 
@@ -126,15 +227,60 @@ class NodeService:
     def _assemble_loop(self) -> bool:
         now = time.time()
         for series in self.store.series_in_state("receiving"):
-            progress = SeriesProgress(series.series_uid, series.instances, series.first_received, series.last_received)
-            decision = series_completion(progress, now, self.config.completion.quiet_period_s)
+            instances = self.store.instances(series.series_uid)
+            progress = series_progress(series, instances, self.config)
+            decision = series_completion(progress, now, self.completion)
             if isinstance(decision, SeriesComplete):
-                jobs, note = plan_jobs(self.config, series)
+                waiting_for = self._study_wait(series, now)
+                if waiting_for is not None:
+                    continue  # complete, but a study-level rule waits for other series of the study
+                jobs, note = plan_jobs(self.config, series, instances, self._failed_studies(series, now))
                 if self.store.route_series(series, jobs, note):
                     log.info("series %s complete (%s); %s", series.series_uid, decision.reason, note)
                     self.audit.write("series-routed", series_uid=series.series_uid, study_uid=series.study_uid,
-                                     instances=series.instances, jobs=[j[0] for j in jobs], note=note)
+                                     instances=series.instances, revision=series.revision,
+                                     jobs=[j.pipeline for j in jobs], note=note, completion=decision.reason)
+        if now >= self._next_retention:
+            self._next_retention = now + RETENTION_EVERY_S
+            self.apply_retention(now)
         return False
+
+    def _study_outcomes(self, series: SeriesRow, now: float) -> dict[str, StudyReady | StudyWaiting | StudyTimedOut]:
+        """The study-level decision of every study rule that a firing rule of this series names."""
+        names = {r.study for r in self.config.rules if r.study is not None}
+        if not names:
+            return {}
+        firing = {d.rule for d in route(self.config.rules, series.header, series.calling_ae) if d.fires}
+        wanted = {r.study for r in self.config.rules if r.name in firing and r.study is not None}
+        if not wanted:
+            return {}
+        study_series = self.store.series_of_study(series.study_uid)
+        complete = [(s.header, s.series_uid == series.series_uid or s.state != "receiving") for s in study_series]
+        first = min(s.first_received for s in study_series)
+        return {name: study_completion(self.studies[name], complete, first, now) for name in wanted}
+
+    def _study_wait(self, series: SeriesRow, now: float) -> StudyWaiting | None:
+        waits = [o for o in self._study_outcomes(series, now).values() if isinstance(o, StudyWaiting)]
+        return waits[0] if waits else None
+
+    def _failed_studies(self, series: SeriesRow, now: float) -> dict[str, str]:
+        """Study rules that timed out with on_timeout: fail -> the reason (their rules do not run)."""
+        return {name: o.reason for name, o in self._study_outcomes(series, now).items()
+                if isinstance(o, StudyTimedOut) and o.action == "fail"}
+
+    def apply_retention(self, now: float) -> int:
+        """Remove the spool data of finished series older than retention.spool_days; never unfinished work."""
+        days = self.config.retention.spool_days
+        if days <= 0:
+            return 0
+        purged = 0
+        for series in self.store.purgeable_series(now - days * 86400):
+            folder = self.config.spool_dir / series.study_uid / series.series_uid
+            shutil.rmtree(folder, ignore_errors=True)
+            self.store.mark_purged(series.series_uid)
+            self.audit.write("series-purged", series_uid=series.series_uid, study_uid=series.study_uid)
+            purged += 1
+        return purged
 
     def _worker_loop(self) -> bool:
         job = self.store.claim_job(JOB_LEASE_S)
@@ -143,8 +289,12 @@ class NodeService:
         assert self.executor is not None
         paths = self.store.instance_paths(job.series_uid)
         log.info("job %d: %s on series %s (%d instances)", job.id, job.pipeline, job.series_uid, len(paths))
+        executor = self.executor
         try:
-            outcome = self.executor.submit(JobSpec(job.id, job.pipeline, tuple(paths))).result()
+            outcome = executor.submit(JobSpec(job.id, job.pipeline, tuple(paths))).result()
+        except cf.process.BrokenProcessPool as exc:
+            self._worker_died(executor, job.id, job.attempts, exc)
+            return True
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; the node carries on
             reason = f"{type(exc).__name__}: {exc}"
             log.error("job %d failed: %s", job.id, reason)
@@ -154,12 +304,36 @@ class NodeService:
             return True
         manifest = self.manifests[job.pipeline]
         files = outcome.files
-        self.store.finish_job(job.id, [(f.sop_uid, f.sop_class_uid, str(f.path)) for f in files], job.destinations)
+        self.store.finish_job(job.id, [(f.sop_uid, f.sop_class_uid, str(f.path)) for f in files], outcome.stages)
         log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()))
         self.audit.write("job-done", job_id=job.id, series_uid=job.series_uid, pipeline=manifest.name,
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],
                          destinations=job.destinations)
         return True
 
+    def _worker_died(self, broken: Executor, job_id: int, attempts: int, exc: Exception) -> None:
+        # A worker process that dies (out of memory, a crash in native code) breaks the pool: start a new
+        # one (once, whichever worker thread notices first), and retry the job a few times before failing it.
+        reason = f"worker process died: {exc}"
+        log.error("job %d: %s", job_id, reason)
+        with self._executor_lock:
+            if self.executor is broken:
+                broken.shutdown()
+                self.executor = make_executor(self.config, self.manifests)
+        if attempts >= MAX_WORKER_CRASHES:
+            self.store.fail_job(job_id, reason)
+        else:
+            self.store.requeue_job(job_id, reason)
+
     def _dispatch_loop(self) -> bool:
-        return self.dispatcher.run_once() > 0
+        self.dispatcher.run_once()
+        return False
+
+
+def remove_partial_writes(spool_dir: Path) -> int:
+    """Temporary files of writes a killed process never finished (never acknowledged to a sender)."""
+    removed = 0
+    for tmp in spool_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -51,7 +51,7 @@ node:
 completion:
   quiet_period_s: 1.0
 dispatch:
-  attempts: 3
+  max_attempts: 3
   initial_delay_s: 0.5
 {extra_yaml}
 """

@@ -24,7 +24,7 @@ def test_demo_pushes_phantom_and_results_reach_the_outbox(start_node):
     assert len(outbox) == 3
     status = subprocess.run(CLI + ["status", "--data-dir", data_dir], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
-    assert "routed" in status.stdout and "done" in status.stdout and status.stdout.count("sent") >= 3
+    assert "routed" in status.stdout and " done " in status.stdout and "sent 3/3" in status.stdout
 
 
 def test_test_rule_explains_decisions(tmp_path):

@@ -29,7 +29,7 @@ rules:
     pipelines: [ct_lung]
     destinations: [ARCHIVE]
 dispatch:
-  attempts: {attempts}
+  max_attempts: {attempts}
   initial_delay_s: 0.3
   backoff_factor: 1.0
   max_delay_s: 0.3
@@ -41,7 +41,7 @@ def small_phantom(seed: str):
 
 
 def test_retry_delays_grow_exponentially_up_to_the_cap():
-    policy = Dispatch(attempts=10, initial_delay_s=5, backoff_factor=2, max_delay_s=60)
+    policy = Dispatch(initial_delay_s=5, backoff_factor=2, max_delay_s=60)
     assert [retry_delay_s(policy, n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
 
 

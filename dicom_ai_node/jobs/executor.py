@@ -73,6 +73,8 @@ class JobOutcome:
 
 
 class Executor(Protocol):
+    workers: int  # how many jobs it runs at once
+
     def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]": ...
 
     def shutdown(self) -> None: ...

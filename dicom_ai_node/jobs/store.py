@@ -1,12 +1,16 @@
 """The job store: SQLite in WAL mode, the floor every stage stands on.
 
-Each stage moves a row from one state to the next in one transaction, so after a crash every series, job
-and send resumes from its last committed state. Holds UIDs, paths and states; the spool holds the data.
+Each stage moves a row from one state to the next in one transaction, so after a crash (kill -9, power
+loss) every series, job and send resumes from its last committed state. Holds UIDs, paths and states; the
+spool holds the data. No folder markers: the database is the only state an operator ever clears.
 
 States
-  series: receiving -> complete -> routed | unrouted        (a late instance re-opens it: -> receiving)
-  jobs:   queued -> running -> done | failed                 (running has a lease; expired leases requeue)
-  sends:  queued -> sent | dead                              (dead after the configured attempts)
+  series: receiving -> routed | unrouted            (a late instance re-opens it: -> receiving, revision+1)
+  jobs:   queued -> running -> sending -> done      (running has a lease; after a crash it is re-queued)
+                            \\-> failed             (pipeline or validation error; the reason is kept)
+                                 sending -> dead-letter when a send is dead; `replay` sends it again
+  sends:  queued -> sent | dead                     (dead after the maximum age or attempts)
+  destinations: a circuit breaker per destination (closed, or open until a time)
 """
 from __future__ import annotations
 
@@ -19,20 +23,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+SCHEMA_VERSION = 2
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS associations (
+    id TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    address TEXT NOT NULL,
+    started REAL NOT NULL,
+    released_at REAL,
+    instances INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     calling_ae TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL,
     instances INTEGER NOT NULL DEFAULT 0,
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
+    last_association TEXT,
+    expected_instances INTEGER,
     revision INTEGER NOT NULL DEFAULT 1,
     header TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
+    purged INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL REFERENCES series(series_uid),
@@ -40,6 +59,7 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
+    header TEXT NOT NULL DEFAULT '{}',
     received REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -47,6 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL REFERENCES series(series_uid),
     series_revision INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'pipeline',
     pipeline TEXT NOT NULL,
     rule TEXT NOT NULL,
     destinations TEXT NOT NULL,
@@ -54,10 +75,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     lease_until REAL,
     last_error TEXT NOT NULL DEFAULT '',
+    stages TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE(series_uid, series_revision, pipeline)
 );
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL REFERENCES jobs(id),
@@ -67,13 +90,24 @@ CREATE TABLE IF NOT EXISTS sends (
     destination TEXT NOT NULL,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
     next_attempt REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
+    last_status TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL,
     UNIQUE(job_id, sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt);
+CREATE TABLE IF NOT EXISTS destinations (
+    name TEXT PRIMARY KEY,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    open_until REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL
+);
 """
+
+UNFINISHED_JOB_STATES = ("queued", "running", "sending", "dead-letter")
 
 
 @dataclass(frozen=True)
@@ -81,13 +115,17 @@ class SeriesRow:
     series_uid: str
     study_uid: str
     calling_ae: str
+    modality: str
     state: str
     instances: int
     first_received: float
     last_received: float
+    released_at: float | None  # release time of the association that delivered the latest instance
+    expected_instances: int | None
     revision: int
     header: dict[str, Any]
     note: str
+    purged: bool
 
 
 @dataclass(frozen=True)
@@ -95,12 +133,16 @@ class JobRow:
     id: int
     series_uid: str
     series_revision: int
+    kind: str
     pipeline: str
     rule: str
     destinations: list[str]
     state: str
     attempts: int
     last_error: str
+    stages: dict[str, float]
+    created: float
+    updated: float
 
 
 @dataclass(frozen=True)
@@ -113,28 +155,65 @@ class SendRow:
     destination: str
     state: str
     attempts: int
+    created: float
+    next_attempt: float
     last_error: str
+    last_status: str
+
+
+@dataclass(frozen=True)
+class DestinationRow:
+    name: str
+    consecutive_failures: int
+    open_until: float
+    last_error: str
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job routing decided for a complete series: run a pipeline, or forward the received instances."""
+
+    kind: str  # "pipeline" | "forward"
+    pipeline: str  # the pipeline's name; "forward" for forward jobs
+    rule: str
+    destinations: list[str]
+    forward_sop_uids: tuple[str, ...] = ()  # forward jobs: the instances to send (after the rule's filter)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    sop_uid: str
+    sop_class_uid: str
+    path: str
+    header: dict[str, Any]
 
 
 def _series(row: sqlite3.Row) -> SeriesRow:
     return SeriesRow(
-        row["series_uid"], row["study_uid"], row["calling_ae"], row["state"], row["instances"],
-        row["first_received"], row["last_received"], row["revision"], json.loads(row["header"]), row["note"],
+        row["series_uid"], row["study_uid"], row["calling_ae"], row["modality"], row["state"], row["instances"],
+        row["first_received"], row["last_received"], row["released_at"], row["expected_instances"],
+        row["revision"], json.loads(row["header"]), row["note"], bool(row["purged"]),
     )
 
 
 def _job(row: sqlite3.Row) -> JobRow:
     return JobRow(
-        row["id"], row["series_uid"], row["series_revision"], row["pipeline"], row["rule"],
-        json.loads(row["destinations"]), row["state"], row["attempts"], row["last_error"],
+        row["id"], row["series_uid"], row["series_revision"], row["kind"], row["pipeline"], row["rule"],
+        json.loads(row["destinations"]), row["state"], row["attempts"], row["last_error"], json.loads(row["stages"]),
+        row["created"], row["updated"],
     )
 
 
 def _send(row: sqlite3.Row) -> SendRow:
     return SendRow(
         row["id"], row["job_id"], row["sop_uid"], row["sop_class_uid"], row["path"], row["destination"],
-        row["state"], row["attempts"], row["last_error"],
+        row["state"], row["attempts"], row["created"], row["next_attempt"], row["last_error"], row["last_status"],
     )
+
+
+SERIES_SELECT = (
+    "SELECT s.*, a.released_at FROM series s LEFT JOIN associations a ON a.id = s.last_association"
+)
 
 
 class JobStore:
@@ -144,7 +223,12 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._db().executescript(SCHEMA)  # executescript manages its own transaction
+        db = self._db()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise RuntimeError(f"{self.path}: state database schema {version}, this node needs {SCHEMA_VERSION}")
+        db.executescript(SCHEMA)  # executescript manages its own transaction
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -176,69 +260,100 @@ class JobStore:
 
     # -- receive ---------------------------------------------------------------------------------------
 
+    def association_opened(self, association_id: str, calling_ae: str, address: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO associations(id, calling_ae, address, started) VALUES (?,?,?,?)",
+                       (association_id, calling_ae, address, now))
+
+    def association_released(self, association_id: str, now: float | None = None) -> None:
+        """A clean A-RELEASE: the sender says it is done, which shortens the wait for its series."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE associations SET released_at=? WHERE id=?", (now, association_id))
+
     def record_instance(
         self, *, sop_uid: str, sop_class_uid: str, transfer_syntax_uid: str, series_uid: str, study_uid: str,
-        calling_ae: str, path: str, size: int, header: dict[str, Any], now: float | None = None,
+        calling_ae: str, path: str, size: int, header: dict[str, Any], association_id: str | None = None,
+        expected_instances: int | None = None, now: float | None = None,
     ) -> bool:
         """Record a stored instance; returns True when it re-opened a series that was already processed."""
         now = time.time() if now is None else now
+        modality = str(header.get("Modality", ""))
         with self._tx() as db:
             row = db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
             reopened = False
             if row is None:
                 db.execute(
-                    "INSERT INTO series(series_uid, study_uid, calling_ae, state, first_received, last_received,"
-                    " header, updated) VALUES (?,?,?,?,?,?,?,?)",
-                    (series_uid, study_uid, calling_ae, "receiving", now, now, json.dumps(header), now),
+                    "INSERT INTO series(series_uid, study_uid, calling_ae, modality, state, first_received,"
+                    " last_received, last_association, header, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (series_uid, study_uid, calling_ae, modality, "receiving", now, now, association_id,
+                     json.dumps(header), now),
                 )
             elif row["state"] == "receiving":
-                db.execute("UPDATE series SET last_received=?, updated=? WHERE series_uid=?", (now, now, series_uid))
+                db.execute("UPDATE series SET last_received=?, last_association=?, updated=? WHERE series_uid=?",
+                           (now, association_id, now, series_uid))
             else:
                 # A late instance: the series is assembled again and re-run; results keep their UIDs
                 # (derived from the series and pipeline), so the new ones replace the old ones at the PACS.
                 reopened = True
                 db.execute(
-                    "UPDATE series SET state='receiving', revision=revision+1, last_received=?, updated=?,"
-                    " note='re-opened by a late instance' WHERE series_uid=?",
-                    (now, now, series_uid),
+                    "UPDATE series SET state='receiving', revision=revision+1, last_received=?, last_association=?,"
+                    " updated=?, purged=0, note='re-opened by a late instance' WHERE series_uid=?",
+                    (now, association_id, now, series_uid),
                 )
             db.execute(
-                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, received)"
-                " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
-                " size=excluded.size, received=excluded.received, transfer_syntax_uid=excluded.transfer_syntax_uid",
-                (sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, now),
+                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, header,"
+                " received) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
+                " size=excluded.size, received=excluded.received, header=excluded.header,"
+                " transfer_syntax_uid=excluded.transfer_syntax_uid",
+                (sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, json.dumps(header), now),
             )
             db.execute(
-                "UPDATE series SET instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
-                (series_uid, series_uid),
+                "UPDATE series SET instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?),"
+                " expected_instances=COALESCE(?, expected_instances) WHERE series_uid=?",
+                (series_uid, expected_instances, series_uid),
             )
+            if association_id is not None:
+                db.execute("UPDATE associations SET instances=instances+1 WHERE id=?", (association_id,))
         return reopened
 
     # -- assemble / route ------------------------------------------------------------------------------
 
     def series_in_state(self, state: str) -> list[SeriesRow]:
-        rows = self._db().execute("SELECT * FROM series WHERE state=? ORDER BY first_received", (state,))
+        rows = self._db().execute(f"{SERIES_SELECT} WHERE s.state=? ORDER BY s.first_received", (state,))
         return [_series(r) for r in rows]
 
     def series(self, series_uid: str) -> SeriesRow | None:
-        row = self._db().execute("SELECT * FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+        row = self._db().execute(f"{SERIES_SELECT} WHERE s.series_uid=?", (series_uid,)).fetchone()
         return _series(row) if row else None
 
-    def all_series(self, limit: int = 200) -> list[SeriesRow]:
-        rows = self._db().execute("SELECT * FROM series ORDER BY updated DESC LIMIT ?", (limit,))
+    def series_of_study(self, study_uid: str) -> list[SeriesRow]:
+        rows = self._db().execute(f"{SERIES_SELECT} WHERE s.study_uid=? ORDER BY s.first_received", (study_uid,))
         return [_series(r) for r in rows]
 
+    def all_series(self, limit: int = 200) -> list[SeriesRow]:
+        rows = self._db().execute(f"{SERIES_SELECT} ORDER BY s.updated DESC LIMIT ?", (limit,))
+        return [_series(r) for r in rows]
+
+    def instances(self, series_uid: str) -> list[InstanceRow]:
+        rows = self._db().execute(
+            "SELECT sop_uid, sop_class_uid, path, header FROM instances WHERE series_uid=? ORDER BY sop_uid",
+            (series_uid,),
+        )
+        return [InstanceRow(r["sop_uid"], r["sop_class_uid"], r["path"], json.loads(r["header"])) for r in rows]
+
     def instance_paths(self, series_uid: str) -> list[str]:
-        rows = self._db().execute("SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,))
-        return [r["path"] for r in rows]
+        return [i.path for i in self.instances(series_uid)]
 
     def route_series(
-        self, series: SeriesRow, jobs: list[tuple[str, str, list[str]]], note: str, now: float | None = None,
+        self, series: SeriesRow, jobs: list[PlannedJob], note: str, now: float | None = None,
     ) -> bool:
         """Move a complete series to routed (creating its jobs) or unrouted, in one transaction.
 
         Does nothing and returns False when the series changed since `series` was read (a new instance
-        arrived), so a decision taken on stale data is never committed.
+        arrived), so a decision taken on stale data is never committed. Forward jobs queue their sends
+        (the received instances themselves) at once.
         """
         now = time.time() if now is None else now
         series_uid, revision = series.series_uid, series.revision
@@ -250,26 +365,45 @@ class JobStore:
                 "receiving", revision, series.last_received
             ):
                 return False
-            for pipeline, rule, destinations in jobs:
-                db.execute(
-                    "INSERT OR IGNORE INTO jobs(series_uid, series_revision, pipeline, rule, destinations, state,"
-                    " created, updated) VALUES (?,?,?,?,?,?,?,?)",
-                    (series_uid, revision, pipeline, rule, json.dumps(destinations), "queued", now, now),
+            for job in jobs:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO jobs(series_uid, series_revision, kind, pipeline, rule, destinations,"
+                    " state, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (series_uid, revision, job.kind, job.pipeline, job.rule, json.dumps(job.destinations), "queued",
+                     now, now),
                 )
+                if job.kind == "forward" and cursor.rowcount:
+                    self._queue_forward(db, cursor.lastrowid, job, now)
             db.execute(
                 "UPDATE series SET state=?, note=?, updated=? WHERE series_uid=?",
                 ("routed" if jobs else "unrouted", note, now, series_uid),
             )
         return True
 
+    @staticmethod
+    def _queue_forward(db: sqlite3.Connection, job_id: int, job: PlannedJob, now: float) -> None:
+        instances = [db.execute("SELECT sop_uid, sop_class_uid, path FROM instances WHERE sop_uid=?",
+                                (uid,)).fetchone() for uid in job.forward_sop_uids]
+        instances = [i for i in instances if i is not None]
+        for instance in instances:
+            for destination in job.destinations:
+                db.execute(
+                    "INSERT OR IGNORE INTO sends(job_id, sop_uid, sop_class_uid, path, destination, state, created,"
+                    " next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (job_id, instance["sop_uid"], instance["sop_class_uid"], instance["path"], destination, "queued",
+                     now, now, now),
+                )
+        db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
+                   ("sending" if instances and job.destinations else "done", now, job_id))
+
     # -- jobs ------------------------------------------------------------------------------------------
 
     def claim_job(self, lease_s: float, now: float | None = None) -> JobRow | None:
-        """Take the oldest queued job (or one whose lease expired after a crash) and lease it."""
+        """Take the oldest queued pipeline job (or one whose lease expired) and lease it."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE state='queued' OR (state='running' AND lease_until < ?)"
+                "SELECT * FROM jobs WHERE kind='pipeline' AND (state='queued' OR (state='running' AND lease_until < ?))"
                 " ORDER BY id LIMIT 1",
                 (now,),
             ).fetchone()
@@ -279,8 +413,8 @@ class JobStore:
                 "UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, updated=? WHERE id=?",
                 (now + lease_s, now, row["id"]),
             )
-        job = _job(row)
-        return JobRow(**{**job.__dict__, "state": "running", "attempts": job.attempts + 1})
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return _job(row)
 
     def requeue_running(self, now: float | None = None) -> int:
         """At start-up: jobs a killed process left running go back to the queue. Returns how many."""
@@ -292,20 +426,24 @@ class JobStore:
         return cursor.rowcount
 
     def finish_job(
-        self, job_id: int, results: list[tuple[str, str, str]], destinations: list[str], now: float | None = None,
+        self, job_id: int, results: list[tuple[str, str, str]], stages: dict[str, float] | None = None,
+        now: float | None = None,
     ) -> None:
-        """Mark a job done and queue each result (sop_uid, sop_class_uid, path) for each destination."""
+        """Record a job's results (sop_uid, sop_class_uid, path) and queue each for each of its destinations."""
         now = time.time() if now is None else now
         with self._tx() as db:
+            row = db.execute("SELECT destinations FROM jobs WHERE id=?", (job_id,)).fetchone()
+            destinations = json.loads(row["destinations"])
             for sop_uid, sop_class_uid, path in results:
                 for destination in destinations:
                     db.execute(
                         "INSERT OR IGNORE INTO sends(job_id, sop_uid, sop_class_uid, path, destination, state,"
-                        " next_attempt, updated) VALUES (?,?,?,?,?,?,?,?)",
-                        (job_id, sop_uid, sop_class_uid, path, destination, "queued", now, now),
+                        " created, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (job_id, sop_uid, sop_class_uid, path, destination, "queued", now, now, now),
                     )
             db.execute(
-                "UPDATE jobs SET state='done', lease_until=NULL, last_error='', updated=? WHERE id=?", (now, job_id)
+                "UPDATE jobs SET state=?, lease_until=NULL, last_error='', stages=?, updated=? WHERE id=?",
+                ("sending" if results and destinations else "done", json.dumps(stages or {}), now, job_id),
             )
 
     def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
@@ -316,6 +454,17 @@ class JobStore:
                 (error[:2000], now, job_id),
             )
 
+    def requeue_job(self, job_id: int, error: str, now: float | None = None) -> None:
+        """Put a job back in the queue after its worker died (not the pipeline's fault)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='queued', lease_until=NULL, last_error=?, updated=? WHERE id=?",
+                       (error[:2000], now, job_id))
+
+    def job(self, job_id: int) -> JobRow | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
     def jobs(self, series_uid: str | None = None, limit: int = 500) -> list[JobRow]:
         if series_uid is None:
             rows = self._db().execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
@@ -325,30 +474,86 @@ class JobStore:
 
     # -- sends -----------------------------------------------------------------------------------------
 
-    def due_sends(self, now: float | None = None, limit: int = 500) -> list[SendRow]:
+    def due_sends(self, destination: str | None = None, now: float | None = None, limit: int = 500) -> list[SendRow]:
         now = time.time() if now is None else now
-        rows = self._db().execute(
-            "SELECT * FROM sends WHERE state='queued' AND next_attempt <= ? ORDER BY id LIMIT ?", (now, limit)
-        )
+        query = "SELECT * FROM sends WHERE state='queued' AND next_attempt <= ?"
+        args: tuple[Any, ...] = (now,)
+        if destination is not None:
+            query += " AND destination=?"
+            args += (destination,)
+        rows = self._db().execute(query + " ORDER BY id LIMIT ?", args + (limit,))
         return [_send(r) for r in rows]
 
-    def mark_sent(self, send_id: int, now: float | None = None) -> None:
+    def due_destinations(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        rows = self._db().execute(
+            "SELECT DISTINCT destination FROM sends WHERE state='queued' AND next_attempt <= ?", (now,))
+        return [r["destination"] for r in rows]
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> None:
+        """A sending job is done when every send is sent, dead-letter when none is queued and one is dead."""
+        counts = {r["state"]: r["n"] for r in db.execute(
+            "SELECT state, COUNT(*) AS n FROM sends WHERE job_id=? GROUP BY state", (job_id,))}
+        if counts.get("queued"):
+            state = "sending"
+        elif counts.get("dead"):
+            state = "dead-letter"
+        else:
+            state = "done"
+        db.execute("UPDATE jobs SET state=?, updated=? WHERE id=? AND state IN ('sending', 'dead-letter')",
+                   (state, now, job_id))
+
+    def mark_sent(self, send_id: int, status: str = "", now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "UPDATE sends SET state='sent', attempts=attempts+1, last_error='', updated=? WHERE id=?",
-                (now, send_id),
-            )
+                "UPDATE sends SET state='sent', attempts=attempts+1, last_error='', last_status=?, updated=?"
+                " WHERE id=?", (status, now, send_id))
+            self._settle_job(db, db.execute("SELECT job_id FROM sends WHERE id=?", (send_id,)).fetchone()[0], now)
 
-    def mark_send_failed(self, send_id: int, error: str, next_attempt: float | None, now: float | None = None) -> None:
+    def mark_send_failed(self, send_id: int, error: str, next_attempt: float | None, status: str = "",
+                         now: float | None = None) -> None:
         """Record a failed attempt: retried at next_attempt, or dead (dead-letter) when it is None."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE sends SET state=?, attempts=attempts+1, next_attempt=COALESCE(?, next_attempt),"
-                " last_error=?, updated=? WHERE id=?",
-                ("queued" if next_attempt is not None else "dead", next_attempt, error[:2000], now, send_id),
+                " last_error=?, last_status=?, updated=? WHERE id=?",
+                ("queued" if next_attempt is not None else "dead", next_attempt, error[:2000], status, now, send_id),
             )
+            self._settle_job(db, db.execute("SELECT job_id FROM sends WHERE id=?", (send_id,)).fetchone()[0], now)
+
+    def expire_sends(self, max_age_s: float, now: float | None = None) -> list[SendRow]:
+        """Dead-letter the queued sends older than max_age_s, attempted or not (e.g. while a circuit is open)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM sends WHERE state='queued' AND created <= ?",
+                              (now - max_age_s,)).fetchall()
+            for row in rows:
+                db.execute("UPDATE sends SET state='dead', last_error=?, updated=? WHERE id=?",
+                           ((row["last_error"] or "not attempted") + f" (older than {max_age_s:g} s)", now, row["id"]))
+                self._settle_job(db, row["job_id"], now)
+        return [_send(r) for r in rows]
+
+    def replay(self, study_uid: str | None = None, destination: str | None = None, now: float | None = None) -> int:
+        """Queue dead sends again (all, or of one study and/or destination) with fresh age and attempts."""
+        now = time.time() if now is None else now
+        query = ("SELECT d.id, d.job_id FROM sends d JOIN jobs j ON j.id = d.job_id JOIN series s"
+                 " ON s.series_uid = j.series_uid WHERE d.state='dead'")
+        args: list[Any] = []
+        if study_uid is not None:
+            query += " AND s.study_uid=?"
+            args.append(study_uid)
+        if destination is not None:
+            query += " AND d.destination=?"
+            args.append(destination)
+        with self._tx() as db:
+            rows = db.execute(query, args).fetchall()
+            for row in rows:
+                db.execute("UPDATE sends SET state='queued', attempts=0, created=?, next_attempt=?, updated=?"
+                           " WHERE id=?", (now, now, now, row["id"]))
+                db.execute("UPDATE jobs SET state='sending', updated=? WHERE id=?", (now, row["job_id"]))
+        return len(rows)
 
     def sends(self, job_id: int | None = None) -> list[SendRow]:
         if job_id is None:
@@ -356,3 +561,44 @@ class JobStore:
         else:
             rows = self._db().execute("SELECT * FROM sends WHERE job_id=? ORDER BY id", (job_id,))
         return [_send(r) for r in rows]
+
+    # -- destinations (circuit breakers) ---------------------------------------------------------------
+
+    def destination(self, name: str) -> DestinationRow:
+        row = self._db().execute("SELECT * FROM destinations WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return DestinationRow(name, 0, 0.0, "")
+        return DestinationRow(row["name"], row["consecutive_failures"], row["open_until"], row["last_error"])
+
+    def destinations(self) -> list[DestinationRow]:
+        rows = self._db().execute("SELECT * FROM destinations ORDER BY name")
+        return [DestinationRow(r["name"], r["consecutive_failures"], r["open_until"], r["last_error"]) for r in rows]
+
+    def record_destination(self, name: str, failures: int, open_until: float, error: str,
+                           now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO destinations(name, consecutive_failures, open_until, last_error, updated)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET consecutive_failures=excluded.consecutive_failures,"
+                " open_until=excluded.open_until, last_error=excluded.last_error, updated=excluded.updated",
+                (name, failures, open_until, error[:2000], now),
+            )
+
+    # -- retention -------------------------------------------------------------------------------------
+
+    def purgeable_series(self, older_than: float) -> list[SeriesRow]:
+        """Series finished before `older_than` whose jobs are all finished: their spool data may go."""
+        placeholders = ",".join("?" * len(UNFINISHED_JOB_STATES))
+        rows = self._db().execute(
+            f"{SERIES_SELECT} WHERE s.state IN ('routed', 'unrouted') AND s.purged=0 AND s.updated < ?"
+            f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state IN ({placeholders}))",
+            (older_than, *UNFINISHED_JOB_STATES),
+        )
+        return [_series(r) for r in rows]
+
+    def mark_purged(self, series_uid: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE series SET purged=1, note='spool data removed by retention' WHERE series_uid=?"
+                       " AND state IN ('routed', 'unrouted')", (series_uid,))

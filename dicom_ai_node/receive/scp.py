@@ -10,9 +10,10 @@ import ipaddress
 import logging
 import shutil
 import socket
+import uuid
 from dataclasses import dataclass, field
 
-from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.pixels.decoders.base import get_decoder
@@ -21,11 +22,8 @@ from pydicom.uid import AllTransferSyntaxes, UID
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.jobs.store import JobStore
+from dicom_ai_node.net import set_tcp_nodelay
 from dicom_ai_node.spool import InvalidInstance, parse_instance, store_instance
-
-# pynetdicom logs the identifiers of C-FIND/C-MOVE requests and responses (names, IDs) by default.
-pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 log = logging.getLogger("dicom_ai_node.receive")
 
@@ -116,8 +114,10 @@ class Receiver:
     def start(self) -> None:
         node = self.config.node
         handlers = [
-            (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -143,6 +143,18 @@ class Receiver:
             # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before the
             # server closes the socket, or the peer sees an abort instead of a rejection.
             event.assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        # Each association gets an id so its release can tell the assembler a sender has finished.
+        association_id = uuid.uuid4().hex
+        event.assoc.node_association_id = association_id
+        requestor = event.assoc.requestor
+        self.store.association_opened(association_id, requestor.ae_title.strip(), requestor.address)
+
+    def _on_released(self, event: evt.Event) -> None:
+        association_id = getattr(event.assoc, "node_association_id", None)
+        if association_id is not None:
+            self.store.association_released(association_id)
 
     def _on_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
@@ -170,7 +182,7 @@ class Receiver:
                 sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
                 transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
                 study_uid=header.study_uid, calling_ae=calling_ae, path=str(path), size=len(raw),
-                header=header.routing_header,
+                header=header.routing_header, association_id=getattr(event.assoc, "node_association_id", None),
             )
         except OSError as exc:  # disk full, permissions: the sender keeps its copy and retries
             log.error("C-STORE %s not stored: %s", sop_uid, exc.strerror or exc)
@@ -179,13 +191,6 @@ class Receiver:
             log.exception("C-STORE %s not stored", sop_uid)
             return STATUS_PROCESSING_FAILURE
         return STATUS_SUCCESS
-
-
-def _set_tcp_nodelay(event: evt.Event) -> None:
-    # Without TCP_NODELAY every DIMSE message waits ~40 ms for delayed ACKs on small writes.
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _on_echo(event: evt.Event) -> int:
