@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
@@ -41,6 +42,7 @@ class ChestPhantom:
     hu: np.ndarray  # float32 (slices, rows, columns), slices ordered by ascending z (as load_volume sorts)
     right_lung: np.ndarray  # bool, truth (vessels inside, airways outside), same order as hu
     left_lung: np.ndarray  # bool
+    airway: np.ndarray  # bool, trachea and main bronchi lumen inside the body (never lung)
     voxel_volume_ml: float
 
     @property
@@ -83,8 +85,13 @@ def make_chest_phantom(
     seed: int = 0,
     uid_seed: str = "chest-phantom-0",
     noise_hu: float = 15.0,
+    blur_mm: float = 1.0,
 ) -> ChestPhantom:
-    """Generate the phantom. `uid_seed` makes all UIDs reproducible; change it to get a new study."""
+    """Generate the phantom. `uid_seed` makes all UIDs reproducible; change it to get a new study.
+
+    `blur_mm` (Gaussian sigma) gives edges the partial-volume blur of a real scanner, so a segmentation
+    cannot match the truth masks voxel for voxel by thresholding alone.
+    """
     rng = np.random.default_rng(seed)
     scale = size * pixel_spacing_mm / 384.0  # anatomy is sized for a 384 mm field of view
     coords = (np.arange(size) - (size - 1) / 2.0) * pixel_spacing_mm
@@ -142,6 +149,9 @@ def make_chest_phantom(
             hu[vessel] = SOFT_TISSUE_HU
 
     hu[airway & body] = AIR_HU
+    if blur_mm > 0:
+        sigma = (blur_mm / slice_thickness_mm, blur_mm / pixel_spacing_mm, blur_mm / pixel_spacing_mm)
+        hu = ndimage.gaussian_filter(hu, sigma=sigma).astype(np.float32)
     hu += rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
     stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
     hu = stored.astype(np.float32) - 1024.0  # the truth is what the pixels say
@@ -150,7 +160,7 @@ def make_chest_phantom(
     left_lung = left_shape & body & ~airway
     datasets = _datasets(stored, z, coords, pixel_spacing_mm, slice_thickness_mm, uid_seed)
     voxel_ml = pixel_spacing_mm * pixel_spacing_mm * slice_thickness_mm / 1000.0
-    return ChestPhantom(datasets, hu, right_lung, left_lung, voxel_ml)
+    return ChestPhantom(datasets, hu, right_lung, left_lung, airway & body, voxel_ml)
 
 
 def _datasets(stored: np.ndarray, z: np.ndarray, coords: np.ndarray, pixel_spacing: float,

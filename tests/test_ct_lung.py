@@ -70,20 +70,6 @@ def lung_masks(result: PipelineResult) -> tuple[np.ndarray, np.ndarray]:
     return by_number[1].mask, by_number[2].mask
 
 
-def airway_region(phantom: ChestPhantom) -> np.ndarray:
-    """Trachea and bronchi: the air not in the truth lungs that is connected to the top of the trachea."""
-    labels, _ = ndimage.label((phantom.hu < -900) & ~phantom.right_lung & ~phantom.left_lung)
-    first = phantom.datasets[0]
-    spacing = float(first.PixelSpacing[0])
-    size = phantom.hu.shape[2]
-    scale = size * spacing / 384.0  # as in make_chest_phantom
-    origin = float(first.ImagePositionPatient[0])
-    row, column = round((-30 * scale - origin) / spacing), round((0.0 - origin) / spacing)
-    trachea_label = labels[-1, row, column]  # top slice (highest z), trachea centre at x=0, y=-30*scale
-    assert trachea_label != 0
-    return labels == trachea_label
-
-
 def test_manifest_validates_and_instantiates(pipeline):
     manifest = load_manifest(PIPELINE_FOLDER)
     assert manifest.name == "ct_lung"
@@ -140,13 +126,34 @@ def test_dice_at_least_097_and_sides_not_swapped(case):
     assert not (left & phantom.right_lung).any()
 
 
+def assert_airways_are_not_lung(phantom: ChestPhantom, result: PipelineResult) -> None:
+    assert phantom.airway.sum() * phantom.voxel_volume_ml > 10.0  # the trachea alone is about 20 mL
+    right, left = lung_masks(result)
+    lungs = right | left
+    # The trachea and the bronchi outside the lungs are never lung. Where a bronchus ends inside a lung,
+    # and on the lumen's partial-volume rim, a voxel is ambiguous, so only the core away from lungs counts.
+    near_lungs = ndimage.binary_dilation(phantom.right_lung | phantom.left_lung, iterations=2)
+    assert not (lungs & ndimage.binary_erosion(phantom.airway) & ~near_lungs).any()
+    assert (lungs & phantom.airway).sum() <= 0.1 * phantom.airway.sum()
+    assert any(note.startswith("Airways of") for note in result.notes)
+
+
 def test_airways_are_not_lung(case):
     phantom, result = case
-    airways = airway_region(phantom)
-    assert airways.sum() * phantom.voxel_volume_ml > 10.0  # the trachea alone is about 20 mL
+    assert_airways_are_not_lung(phantom, result)
+
+
+def test_airways_are_not_lung_on_a_softer_noisier_scan(pipeline):
+    """A softer kernel (1.5 mm blur) and twice the noise on thick slices: oblique bronchi must still be grown.
+
+    Seed 6 is a noise draw where growing through face neighbours only lost a main bronchus.
+    """
+    phantom = make_chest_phantom(**dict(PHANTOMS["coarse"], blur_mm=1.5, noise_hu=30.0, seed=6))
+    result = pipeline.run(volume_from_array(phantom, phantom.hu), RunContext())
+    assert_airways_are_not_lung(phantom, result)
     right, left = lung_masks(result)
-    assert not ((right | left) & airways).any()
-    assert any(note.startswith("Airways of") for note in result.notes)
+    assert dice(right, phantom.right_lung) >= 0.97
+    assert dice(left, phantom.left_lung) >= 0.97
 
 
 def test_key_slice_has_the_largest_lung_area(case):

@@ -14,10 +14,13 @@ from dicom_ai_node.pipeline import Concept, Measurement, Pipeline, PipelineResul
 
 BODY_MIN_HU = -500.0  # patient (and table) are denser than this, air is not
 LUNG_MAX_HU = -400.0  # aerated lung (about -850) versus soft tissue (about +40)
-AIRWAY_MAX_HU = -950.0  # tight, so that growing from the trachea stays in air and out of parenchyma
+AIRWAY_MAX_HU = -950.0  # tight: what is certainly air, to find the trachea
+AIRWAY_GROW_MAX_HU = (-930.0, -950.0)  # for growing on the smoothed image, tried in turn until one does not leak
+AIRWAY_SMOOTHING_VOXELS = 0.5  # in-plane Gaussian sigma for growing; slices are left unsmoothed (often thick)
 AIRWAY_EDGE_MAX_HU = -925.0  # halfway between air and parenchyma: takes back airway voxels noise pushed up
+AIRWAY_RIM_MAX_SPACING_MM = 2.5  # the partial-volume rim (scanner blur of about 1-2 mm) is taken along such axes
 LAA_HU = -950.0
-MAX_AIRWAY_ML = 150.0  # above the airway lumen of an adult seen on CT (about 30-100 mL): more is a leak into lung
+MAX_AIRWAY_ML = 150.0  # above an adult's airway lumen seen on CT (about 30-100 mL): a grown core this big leaked
 TRACHEA_SLAB_FRACTION = 0.2  # the trachea is looked for in the most superior fifth of the slices
 TRACHEA_AREA_MM2 = (50.0, 1500.0)  # mean cross-section of a trachea, child to adult, with margin
 TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
@@ -104,7 +107,14 @@ def body_mask(image: sitk.Image) -> sitk.Image:
 
 
 def airway_mask(image: sitk.Image, body: sitk.Image, superior_is_last: bool, notes: list[str]) -> sitk.Image:
-    """Trachea and bronchi (air below -950 HU connected to the trachea); empty when no trachea is found."""
+    """Trachea and bronchi with their partial-volume rim; empty when no trachea is found or growing leaked.
+
+    Grown from the trachea on a lightly smoothed image (in-plane Gaussian: noise no longer breaks the lumen
+    into pieces, and thin bronchi survive, which a 3D median over thick slices does not), through face, edge
+    and corner neighbours (an oblique bronchus in thick slices steps from slice to slice across voxel edges),
+    with the least tight threshold of AIRWAY_GROW_MAX_HU whose result is not a leak (a grown core above
+    MAX_AIRWAY_ML). Then completed to the lumen and its rim by airway_lumen_and_rim.
+    """
     empty = sitk.Image(body.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(body)
     seed = trachea_seed(image, body, superior_is_last)
@@ -113,14 +123,57 @@ def airway_mask(image: sitk.Image, body: sitk.Image, superior_is_last: bool, not
         return empty
     in_body = sitk.Mask(image, body, outsideValue=0.0)  # growing must not leave the patient (e.g. via the mouth)
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-    grown = sitk.ConnectedThreshold(in_body, seedList=[seed], lower=-1e6, upper=AIRWAY_MAX_HU)
-    if mask_voxels(grown) * voxel_ml > MAX_AIRWAY_ML:
+    sigma_mm = [AIRWAY_SMOOTHING_VOXELS * spacing for spacing in image.GetSpacing()[:2]] + [0.0]
+    smoothed = sitk.DiscreteGaussian(in_body, variance=[s * s for s in sigma_mm], useImageSpacing=True)
+    edges_too = sitk.ConnectedThresholdImageFilter.FullConnectivity
+    for upper in AIRWAY_GROW_MAX_HU:
+        core = sitk.ConnectedThreshold(smoothed, seedList=[seed], lower=-1e6, upper=upper, connectivity=edges_too)
+        core_ml = mask_voxels(core) * voxel_ml
+        if core_ml <= MAX_AIRWAY_ML:
+            break
+    else:
         notes.append("Airway growing from the trachea leaked into the lungs; airways were not excluded from the lungs.")
         return empty
-    # One conditional dilation takes back the airway wall voxels that noise lifted above AIRWAY_MAX_HU.
-    airways = sitk.And(sitk.BinaryDilate(grown, [1, 1, 1]), threshold(in_body, upper=AIRWAY_EDGE_MAX_HU))
+    if core_ml == 0.0:
+        notes.append("Airway growing found no lumen at the trachea; airways were not excluded from the lungs.")
+        return empty
+    airways = airway_lumen_and_rim(in_body, core)
     notes.append(f"Airways of {mask_voxels(airways) * voxel_ml:.0f} mL excluded from the lungs.")
     return airways
+
+
+def airway_lumen_and_rim(image: sitk.Image, core: sitk.Image) -> sitk.Image:
+    """The grown airway core completed to the whole lumen and its partial-volume rim.
+
+    1. Lumen voxels that noise or blur lifted above the growing threshold: one conditional dilation into
+       air-like voxels (<= AIRWAY_EDGE_MAX_HU), then the holes left inside the lumen closed slice by slice
+       (whatever their value below LUNG_MAX_HU: a voxel enclosed by airway in its slice is lumen, not lung).
+    2. The rim: the voxel layer around the lumen that the scanner's blur mixes with the wall. Against soft
+       tissue it lies anywhere between air and -400 HU and, left in, would join the lungs along the bronchi as a
+       sleeve; so one more dilation into everything below LUNG_MAX_HU, along each axis whose spacing is at
+       most AIRWAY_RIM_MAX_SPACING_MM (in-plane, and along z where slices are thin). Inside a lung this takes
+       one voxel layer of parenchyma around the bronchi (about 0.1 % of a lung's volume on the phantoms).
+    Done in the airway tree's bounding box (plus a margin for the dilations) to stay fast.
+    """
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(core)
+    if not shape.GetNumberOfLabels():
+        return core
+    box = shape.GetBoundingBox(1)
+    size = image.GetSize()
+    low = [max(0, box[i] - 3) for i in range(3)]
+    high = [min(size[i], box[i] + box[i + 3] + 3) for i in range(3)]
+    crop = [high[i] - low[i] for i in range(3)]
+    roi = sitk.RegionOfInterest(image, crop, low)
+    lumen = sitk.RegionOfInterest(core, crop, low)
+    lumen = sitk.Or(lumen, sitk.And(sitk.BinaryDilate(lumen, [1, 1, 1]), threshold(roi, upper=AIRWAY_EDGE_MAX_HU)))
+    aerated = threshold(roi, upper=LUNG_MAX_HU)
+    lumen = sitk.Or(lumen, sitk.And(slicewise_filled(lumen), aerated))
+    rim_radius = [1 if spacing <= AIRWAY_RIM_MAX_SPACING_MM else 0 for spacing in image.GetSpacing()]
+    airways = sitk.Or(lumen, sitk.And(sitk.BinaryDilate(lumen, rim_radius), aerated))
+    full = sitk.Image(size, sitk.sitkUInt8)
+    full.CopyInformation(image)
+    return sitk.Paste(full, airways, crop, [0, 0, 0], low)
 
 
 def trachea_seed(image: sitk.Image, body: sitk.Image, superior_is_last: bool) -> tuple[int, int, int] | None:
@@ -147,7 +200,9 @@ def trachea_seed(image: sitk.Image, body: sitk.Image, superior_is_last: bool) ->
             best, best_offset = label, offset
     if best is None:
         return None
-    z, y, x = np.argwhere(sitk.GetArrayViewFromImage(labels) == best)[0]
+    # The tube's voxel nearest to its centroid: on its axis, away from the partial-volume wall.
+    voxels = np.argwhere(sitk.GetArrayViewFromImage(labels) == best)
+    z, y, x = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
     return int(x), int(y), int(z) + first
 
 
