@@ -150,8 +150,10 @@ def plan_jobs(
 
 def make_executor(config: NodeConfig, manifests: dict[str, Manifest]) -> Executor:
     if config.workers.executor == "ray":
-        from dicom_ai_node.jobs.ray_executor import RayExecutor  # ray is an optional extra
-
+        try:
+            from dicom_ai_node.jobs.ray_executor import RayExecutor  # ray is an optional extra
+        except ImportError as exc:
+            raise ConfigError(f"workers.executor: ray: {exc}") from exc
         return RayExecutor(config, manifests, config.workers.ray_address)
     return LocalExecutor(config, manifests)
 

@@ -77,13 +77,39 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
 
 @dataclass
 class Orthanc:
-    """A real Orthanc server, configured in a temp dir, with a tiny REST client."""
+    """A real Orthanc server, configured in a temp dir, with a tiny REST client. stop()/start() take the
+    PACS down and bring it back with the same storage, as an outage would."""
 
     http_port: int
     dicom_port: int
     aet: str
-    process: subprocess.Popen
+    config_path: Path
     log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([ORTHANC_BIN, str(self.config_path)], stdout=log,
+                                            stderr=subprocess.STDOUT, env=PEER_ENV)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.get("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -139,26 +165,10 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         "UnknownSopClassAccepted": True,
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
-    log_path = folder / "orthanc.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([ORTHANC_BIN, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                                   env=PEER_ENV)
-    server = Orthanc(http_port, dicom_port, "ORTHANC", process, log_path)
-    deadline = time.time() + 60
-    while True:
-        try:
-            server.get("/system")
-            break
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"Orthanc did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+    server = Orthanc(http_port, dicom_port, "ORTHANC", folder / "orthanc.json", folder / "orthanc.log")
+    server.start()
     yield server
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    server.stop()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:

@@ -132,7 +132,7 @@ class JobRunner:
 _RUNNER: JobRunner | None = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     # A worker must not outlive a node killed with SIGKILL: it would keep writing results nobody records.
     try:
         import ctypes
@@ -142,13 +142,16 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+    if os.getppid() != parent_pid:  # the node died while this worker was still starting
+        os._exit(1)
 
 
 def _init_worker(
     config_json: str, manifests_json: dict[str, tuple[str, str]], slot_counter, device_preference: str,
+    parent_pid: int,
 ) -> None:
     global _RUNNER
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     with slot_counter.get_lock():
         slot = slot_counter.value
@@ -178,7 +181,7 @@ class LocalExecutor:
         manifests_json = {name: (m.model_dump_json(), str(m.folder)) for name, m in manifests.items()}
         self._pool = cf.ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context, initializer=_init_worker,
-            initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device),
+            initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device, os.getpid()),
         )
 
     def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]":
