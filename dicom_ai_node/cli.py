@@ -104,7 +104,8 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_ai_node.assemble import SeriesWaiting, series_completion
     from dicom_ai_node.jobs.store import JobStore
-    from dicom_ai_node.service import completion_policy, series_progress
+    from dicom_ai_node.assemble import StudyWaiting
+    from dicom_ai_node.service import completion_policy, series_progress, study_outcomes, study_rules
 
     config = _config(args)
     if not config.db_path.exists():
@@ -113,6 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = JobStore(config.db_path)
     now = time.time()
     policy = completion_policy(config)
+    studies = study_rules(config)
     print("SERIES")
     for s in store.all_series():
         line = f"  {s.series_uid}  {s.state:<9} {s.instances:>5} inst  from {s.calling_ae}"
@@ -121,7 +123,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if isinstance(decision, SeriesWaiting):
                 line += f"  waiting {decision.remaining_s:.0f} s more: {decision.reason}"
             else:
-                line += f"  complete, routing now: {decision.reason}"
+                waits = [o for o in study_outcomes(config, store, studies, s, now).values()
+                         if isinstance(o, StudyWaiting)]
+                line += f"  complete; {waits[0].reason}" if waits else f"  complete, routing now: {decision.reason}"
         elif s.note:
             line += f"  {s.note}"
         print(line)

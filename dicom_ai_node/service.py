@@ -93,6 +93,20 @@ def series_progress(series: SeriesRow, instances: list[InstanceRow], config: Nod
     )
 
 
+def study_outcomes(
+    config: NodeConfig, store: JobStore, studies: dict[str, StudyRule], series: SeriesRow, now: float,
+) -> dict[str, StudyReady | StudyWaiting | StudyTimedOut]:
+    """The study-level decision of every study rule that a firing rule of this (complete) series names."""
+    firing = {d.rule for d in route(config.rules, series.header, series.calling_ae) if d.fires}
+    wanted = {r.study for r in config.rules if r.name in firing and r.study is not None}
+    if not wanted:
+        return {}
+    study_series = store.series_of_study(series.study_uid)
+    complete = [(s.header, s.series_uid == series.series_uid or s.state != "receiving") for s in study_series]
+    first = min(s.first_received for s in study_series)
+    return {name: study_completion(studies[name], complete, first, now) for name in wanted}
+
+
 def default_destinations(config: NodeConfig, calling_ae: str) -> list[str]:
     """Results go back to the sender when it is a configured peer, else to the outbox folder."""
     return [calling_ae] if config.peer(calling_ae) is not None else [OUTBOX]
@@ -248,18 +262,7 @@ class NodeService:
         return False
 
     def _study_outcomes(self, series: SeriesRow, now: float) -> dict[str, StudyReady | StudyWaiting | StudyTimedOut]:
-        """The study-level decision of every study rule that a firing rule of this series names."""
-        names = {r.study for r in self.config.rules if r.study is not None}
-        if not names:
-            return {}
-        firing = {d.rule for d in route(self.config.rules, series.header, series.calling_ae) if d.fires}
-        wanted = {r.study for r in self.config.rules if r.name in firing and r.study is not None}
-        if not wanted:
-            return {}
-        study_series = self.store.series_of_study(series.study_uid)
-        complete = [(s.header, s.series_uid == series.series_uid or s.state != "receiving") for s in study_series]
-        first = min(s.first_received for s in study_series)
-        return {name: study_completion(self.studies[name], complete, first, now) for name in wanted}
+        return study_outcomes(self.config, self.store, self.studies, series, now)
 
     def _study_wait(self, series: SeriesRow, now: float) -> StudyWaiting | None:
         waits = [o for o in self._study_outcomes(series, now).values() if isinstance(o, StudyWaiting)]
@@ -271,18 +274,23 @@ class NodeService:
                 if isinstance(o, StudyTimedOut) and o.action == "fail"}
 
     def apply_retention(self, now: float) -> int:
-        """Remove the spool data of finished series older than retention.spool_days; never unfinished work."""
-        days = self.config.retention.spool_days
-        if days <= 0:
-            return 0
-        purged = 0
-        for series in self.store.purgeable_series(now - days * 86400):
-            folder = self.config.spool_dir / series.study_uid / series.series_uid
-            shutil.rmtree(folder, ignore_errors=True)
-            self.store.mark_purged(series.series_uid)
-            self.audit.write("series-purged", series_uid=series.series_uid, study_uid=series.study_uid)
-            purged += 1
-        return purged
+        """Remove spool data of finished series older than retention.spool_days, and result files of jobs
+        done or failed before retention.results_days; never data of unfinished work. Returns folders removed."""
+        removed = 0
+        spool_days, results_days = self.config.retention.spool_days, self.config.retention.results_days
+        if spool_days > 0:
+            for series in self.store.purgeable_series(now - spool_days * 86400):
+                shutil.rmtree(self.config.spool_dir / series.study_uid / series.series_uid, ignore_errors=True)
+                self.store.mark_purged(series.series_uid)
+                self.audit.write("series-purged", series_uid=series.series_uid, study_uid=series.study_uid)
+                removed += 1
+        if results_days > 0:
+            for job in self.store.finished_jobs(now - results_days * 86400):
+                folder = self.config.job_results_dir(job.id)
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+        return removed
 
     def _worker_loop(self) -> bool:
         job = self.store.claim_job(JOB_LEASE_S)

@@ -41,21 +41,21 @@ def require_tool(name: str) -> str:
 
 
 def node_config(data_dir: Path, port: int, extra_yaml: str = "") -> NodeConfig:
-    text = f"""
+    return parse_config(node_yaml(data_dir, port, extra_yaml), "test node.yaml")
+
+
+def node_yaml(data_dir: Path, port: int, extra_yaml: str = "") -> str:
+    return f"""
 node:
   ae_title: DICOM_AI_NODE
   port: {port}
   bind_address: 127.0.0.1
   data_dir: {data_dir}
   min_free_disk_mb: 1
-completion:
-  quiet_period_s: 1.0
-dispatch:
-  max_attempts: 3
-  initial_delay_s: 0.5
+{"" if "completion:" in extra_yaml else "completion: {quiet_period_s: 1.0}"}
+{"" if "dispatch:" in extra_yaml else "dispatch: {max_attempts: 3, initial_delay_s: 0.5}"}
 {extra_yaml}
 """
-    return parse_config(text, "test node.yaml")
 
 
 @pytest.fixture
@@ -66,6 +66,9 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
     def start(extra_yaml: str = "", data_dir: Path | None = None) -> NodeService:
         config = node_config(data_dir or tmp_path / "node", free_port(), extra_yaml)
         service = NodeService(config)
+        # The same configuration as a file, for tests that run the CLI against this node.
+        service.config_path = tmp_path / f"node-{len(started)}.yaml"
+        service.config_path.write_text(node_yaml(data_dir or tmp_path / "node", config.node.port, extra_yaml))
         service.start()
         started.append(service)
         return service

@@ -89,3 +89,8 @@ def test_example_config_in_deploy_is_valid():
     example = Path(__file__).resolve().parent.parent / "deploy" / "node.yaml"
     config = load_config(example)
     load_pipelines(config)
+
+
+def test_key_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match=r"node.yaml:3: not valid YAML: key 'port' given twice \(first on line 2\)"):
+        parse_config("node:\n  port: 1\n  port: 2\n", "node.yaml")

@@ -90,7 +90,7 @@ def write_validated_results(
 ) -> list[ResultFile]:
     """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate."""
     datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs))
-    folder = config.results_dir / f"job-{job_id:08d}"
+    folder = config.job_results_dir(job_id)
     gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
     return [
         ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), folder / file_name(ds), str(ds.Modality))

@@ -597,6 +597,12 @@ class JobStore:
         )
         return [_series(r) for r in rows]
 
+    def finished_jobs(self, older_than: float) -> list[JobRow]:
+        """Jobs done or failed before `older_than`: their result files are no longer needed for a send."""
+        rows = self._db().execute(
+            "SELECT * FROM jobs WHERE kind='pipeline' AND state IN ('done', 'failed') AND updated < ?", (older_than,))
+        return [_job(r) for r in rows]
+
     def mark_purged(self, series_uid: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
