@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -69,16 +70,21 @@ def _expected_native_pixel_bytes(ds: Dataset) -> int:
 
 def _routing_header(ds: Dataset) -> dict[str, Any]:
     header: dict[str, Any] = {}
-    for element in ds:
-        if element.VR in _BINARY_VRS or not element.keyword or element.tag.group in (0x7FE0,):
+    # Look at the raw elements first: converting every element (private ones included) is most of the
+    # cost of receiving an instance, and rules only ever name standard, non-binary attributes.
+    for tag, raw in ds._dict.items():  # noqa: SLF001
+        if tag.is_private or tag.group == 0x7FE0:
             continue
-        value = element.value
+        keyword = keyword_for_tag(tag)
+        if not keyword or (getattr(raw, "VR", None) or dictionary_VR(tag)) in _BINARY_VRS:
+            continue
+        value = ds[tag].value
         if isinstance(value, MultiValue):
-            header[element.keyword] = [str(v) for v in value]
+            header[keyword] = [str(v) for v in value]
         elif value is None:
-            header[element.keyword] = ""
+            header[keyword] = ""
         else:
-            header[element.keyword] = str(value)
+            header[keyword] = str(value)
     return header
 
 

@@ -302,6 +302,7 @@ class JobStore:
                     " updated=?, purged=0, note='re-opened by a late instance' WHERE series_uid=?",
                     (now, association_id, now, series_uid),
                 )
+            is_new = db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is None
             db.execute(
                 "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, header,"
                 " received) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
@@ -309,10 +310,11 @@ class JobStore:
                 " transfer_syntax_uid=excluded.transfer_syntax_uid",
                 (sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, json.dumps(header), now),
             )
+            # Counted incrementally: a COUNT(*) per instance would make a 5000-slice series quadratic.
             db.execute(
-                "UPDATE series SET instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?),"
-                " expected_instances=COALESCE(?, expected_instances) WHERE series_uid=?",
-                (series_uid, expected_instances, series_uid),
+                "UPDATE series SET instances=instances+?, expected_instances=COALESCE(?, expected_instances)"
+                " WHERE series_uid=?",
+                (1 if is_new else 0, expected_instances, series_uid),
             )
             if association_id is not None:
                 db.execute("UPDATE associations SET instances=instances+1 WHERE id=?", (association_id,))
