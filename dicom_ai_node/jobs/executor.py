@@ -19,7 +19,8 @@ from typing import Protocol
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeConfig
-from dicom_ai_node.imaging.volume import Volume, load_volume
+from dicom_ai_node.imaging.series import load_series
+from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import gate
@@ -117,7 +118,7 @@ class JobRunner:
     def run(self, job: JobSpec) -> JobOutcome:
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_volume([Path(p) for p in job.instance_paths])
+        volume = load_series([Path(p) for p in job.instance_paths])
         stages["load"], t = time.perf_counter() - t, time.perf_counter()
         pipeline = self.pipeline(job.pipeline)
         result = pipeline.run(volume, RunContext(device=self.device))

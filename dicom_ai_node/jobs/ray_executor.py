@@ -36,7 +36,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.config import NodeConfig
-from dicom_ai_node.imaging.volume import Volume, load_volume
+from dicom_ai_node.imaging.series import load_series
+from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.jobs.executor import JobOutcome, JobSpec, select_device, write_validated_results
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 
@@ -226,7 +227,7 @@ class RayExecutor:
             raise KeyError(f"pipeline {job.pipeline!r} is not loaded (known: {sorted(self._pools)})")
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_volume([Path(p) for p in job.instance_paths])
+        volume = load_series([Path(p) for p in job.instance_paths])
         stages["load"] = time.perf_counter() - t
         try:
             with self._pools[job.pipeline].borrow() as actor:
