@@ -74,6 +74,23 @@ class Heatmap:
     unit: Concept = Concept("1", "UCUM", "no units")
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A finding located on one source slice (2D findings: X-ray lesions, landmarks), with its probability.
+
+    Coordinates are numpy indices of Volume.array[slice_index]: `box` is (row_min, col_min, row_max, col_max)
+    with slice bounds, covering array[row_min:row_max, col_min:col_max]; `points` are (row, col) pixel
+    centres. A detection has a box, points or both.
+    """
+
+    label: str  # human-readable, e.g. "Nodule"
+    finding: Concept  # what was found, e.g. SNOMED CT "Pulmonary nodule"
+    slice_index: int  # index into Volume.array axis 0 (0 for a single 2D image)
+    probability: float | None = None
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+
+
 @dataclass
 class PipelineResult:
     segments: list[Segment] = field(default_factory=list)
@@ -82,6 +99,7 @@ class PipelineResult:
     heatmaps: list[Heatmap] = field(default_factory=list)
     key_slice: int | None = None  # index into Volume.array axis 0 that best shows the result
     notes: list[str] = field(default_factory=list)  # free-text remarks; never PHI
+    detections: list[Detection] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,9 @@ class Accepts(BaseModel):
     slice_thickness_mm: Range | None = None
     pixel_spacing_mm: Range | None = None
     min_slices: int = 1
+    kvp: Range | None = None  # CT tube voltage
+    magnetic_field_strength_t: Range | None = None  # MR
+    radiopharmaceutical: list[str] = Field(default_factory=list)  # PET/NM tracers, e.g. [Fluorodeoxyglucose]
 
 
 class ModelCard(BaseModel):

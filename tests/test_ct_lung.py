@@ -21,6 +21,8 @@ LAA_CODE = "LAA950"
 PHANTOMS = {
     "default": {},
     "coarse": dict(slices=60, size=192, pixel_spacing_mm=2.0, slice_thickness_mm=5.0, seed=7, uid_seed="coarse"),
+    # the smallest geometry the manifest accepts (3 mm pixels), as the engine tests use it
+    "small": dict(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, seed=3, uid_seed="small"),
 }
 
 

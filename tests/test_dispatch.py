@@ -37,7 +37,7 @@ dispatch:
 
 
 def small_phantom(seed: str):
-    return make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=7.5, uid_seed=seed)
+    return make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed=seed)
 
 
 def test_retry_delays_grow_exponentially_up_to_the_cap():

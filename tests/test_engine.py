@@ -175,3 +175,19 @@ def test_retention_never_removes_unfinished_work(tmp_path):
                     store.mark_send_failed(store.sends(job.id)[0].id, "down", None, now=0)
     purgeable = {s.series_uid for s in store.purgeable_series(older_than=time.time())}
     assert purgeable == {"1.1", "1.4"}  # done and unrouted; never sending or dead-letter
+
+
+@pytest.mark.integration
+def test_input_outside_the_validated_range_is_not_processed_silently(start_node):
+    node = start_node(peers() + """
+completion: {quiet_period_s: 0.5}
+rules:
+  - {name: any-ct, match: {Modality: CT}, pipelines: [ct_lung], destinations: [outbox]}
+""")
+    thick = make_chest_phantom(slices=30, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=8.0, uid_seed="qc")
+    assert push_datasets(thick.datasets, "127.0.0.1", node.port, NODE_AE, SENDER) == 30
+    [job] = wait_for(lambda: [j for j in node.store.jobs(str(thick.datasets[0].SeriesInstanceUID))
+                              if j.state == "failed"], timeout=60, what="the job to be refused")
+    assert "input outside the validated range of ct_lung" in job.last_error
+    assert "slice thickness 8 mm is outside the validated 0.5 to 5 mm" in job.last_error
+    assert node.store.sends(job.id) == []

@@ -519,3 +519,23 @@ def test_each_problem_raises_a_clear_error(phantom, tmp_path, name):
 def test_load_volume_still_refuses_a_projection_image():
     with pytest.raises(VolumeError, match=r"lacks ImagePositionPatient \(0020,0032\)"):
         load_volume([get_testdata_file("RG3_UNCI.dcm")])
+
+
+def test_input_qc_names_every_reason_outside_the_validated_range(tmp_path):
+    from dicom_ai_node.imaging.qc import input_problems
+    from dicom_ai_node.pipeline import load_manifest
+
+    accepts = load_manifest(Path(__file__).resolve().parent.parent / "pipelines" / "ct_lung").accepts
+    inside = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="qc-in")
+    assert input_problems(load_volume(inside.write(tmp_path / "in")), accepts) == []
+    outside = make_chest_phantom(slices=12, size=64, pixel_spacing_mm=6.0, slice_thickness_mm=10.0, uid_seed="qc-out")
+    for ds in outside.datasets:
+        ds.BodyPartExamined = "ABDOMEN"
+    problems = input_problems(load_volume(outside.write(tmp_path / "out")), accepts)
+    assert problems == [
+        "BodyPartExamined ABDOMEN is not one of CHEST, LUNG, THORAX",
+        "12 slices, fewer than the 20 required",
+        "slice thickness 10 mm is outside the validated 0.5 to 5 mm",
+        "row pixel spacing 6 mm is outside the validated 0.4 to 3 mm",
+        "column pixel spacing 6 mm is outside the validated 0.4 to 3 mm",
+    ]

@@ -159,7 +159,7 @@ def manifests(tmp_path_factory) -> dict[str, Manifest]:
 
 @pytest.fixture(scope="module")
 def chest_ct(tmp_path_factory) -> tuple[str, ...]:
-    phantom = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=7.5)
+    phantom = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0)
     return tuple(str(p) for p in phantom.write(tmp_path_factory.mktemp("chest-ct")))
 
 

@@ -26,7 +26,7 @@ PUSHER_AE = "MODALITY"
 
 
 def small_study(index: int):
-    return make_chest_phantom(slices=SLICES, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=7.5,
+    return make_chest_phantom(slices=SLICES, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0,
                               seed=index, uid_seed=f"reliability-{index}")
 
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeConfig
+from dicom_ai_node.imaging.qc import InputRejected, input_problems
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
@@ -99,6 +100,14 @@ def write_validated_results(
     ]
 
 
+def check_input(volume: Volume, manifest: Manifest) -> None:
+    """Raise InputRejected when the series is outside the pipeline's validated range (never run silently)."""
+    problems = input_problems(volume, manifest.accepts)
+    if problems:
+        raise InputRejected(f"input outside the validated range of {manifest.name} {manifest.version}: "
+                            + "; ".join(problems))
+
+
 class JobRunner:
     """Runs whole jobs in the current process, keeping one warm instance of each pipeline."""
 
@@ -119,8 +128,9 @@ class JobRunner:
         stages: dict[str, float] = {}
         t = time.perf_counter()
         volume = load_series([Path(p) for p in job.instance_paths])
-        stages["load"], t = time.perf_counter() - t, time.perf_counter()
         pipeline = self.pipeline(job.pipeline)
+        check_input(volume, pipeline.manifest)
+        stages["load"], t = time.perf_counter() - t, time.perf_counter()
         result = pipeline.run(volume, RunContext(device=self.device))
         stages["infer"], t = time.perf_counter() - t, time.perf_counter()
         files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config)

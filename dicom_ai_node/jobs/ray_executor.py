@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import Volume
-from dicom_ai_node.jobs.executor import JobOutcome, JobSpec, select_device, write_validated_results
+from dicom_ai_node.jobs.executor import JobOutcome, JobSpec, check_input, select_device, write_validated_results
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 
 try:
@@ -228,6 +228,7 @@ class RayExecutor:
         stages: dict[str, float] = {}
         t = time.perf_counter()
         volume = load_series([Path(p) for p in job.instance_paths])
+        check_input(volume, self.manifests[job.pipeline])
         stages["load"] = time.perf_counter() - t
         try:
             with self._pools[job.pipeline].borrow() as actor:
