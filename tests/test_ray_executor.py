@@ -235,14 +235,14 @@ def test_jobs_run_on_a_warm_actor_and_match_local(executor, manifests, chest_ct,
 def test_pipeline_error_reaches_the_future_and_the_actor_survives(executor, chest_ct, tmp_path):
     run(executor, JobSpec(3, "ct_lung", chest_ct))  # the actor exists before the failing job
     before = actor_of(executor, "ct_lung")
-    not_ct = []
+    not_hu = []
     for i, path in enumerate(chest_ct):
         ds = pydicom.dcmread(path)
-        ds.Modality = "MR"  # no Hounsfield units: ct_lung refuses it
-        ds.save_as(tmp_path / f"MR{i:04d}.dcm")
-        not_ct.append(str(tmp_path / f"MR{i:04d}.dcm"))
+        ds.RescaleType = "US"  # passes input QC (a chest CT) but is not in Hounsfield units: the pipeline refuses
+        ds.save_as(tmp_path / f"US{i:04d}.dcm")
+        not_hu.append(str(tmp_path / f"US{i:04d}.dcm"))
     with pytest.raises(ValueError, match="ct_lung needs CT in Hounsfield units"):
-        run(executor, JobSpec(4, "ct_lung", tuple(not_ct)))
+        run(executor, JobSpec(4, "ct_lung", tuple(not_hu)))
     run(executor, JobSpec(5, "ct_lung", chest_ct))  # the actor is back in the pool, warm
     after = actor_of(executor, "ct_lung")
     assert (after.pid, after.loads, after.runs) == (before.pid, 1, before.runs + 2)

@@ -284,17 +284,18 @@ def test_sr_reads_back_measurement_values(lung_case: Case) -> None:
         for m in group.get_measurements():
             found[(number, m.name.value)] = m.value
             assert m.unit.scheme_designator == "UCUM"
-    (series_group,) = report.get_image_measurement_groups()
+    series_group, finding_group = report.get_image_measurement_groups()
     assert series_group.tracking_identifier == "Series-level measurements"
     for m in series_group.get_measurements():
         found[(None, m.name.value)] = m.value
     assert found.keys() == expected.keys()
     for key, value in expected.items():
         assert found[key] == pytest.approx(value, rel=1e-9), key
-    (evaluation,) = series_group.get_qualitative_evaluations()
+    assert finding_group.tracking_identifier == EMPHYSEMA.meaning  # each finding is tracked on its own
+    (evaluation,) = finding_group.get_qualitative_evaluations()
     assert (evaluation.name.value, evaluation.value.value) == (CLINICAL_FINDING.value, EMPHYSEMA.value)
     # highdicom's QualitativeEvaluation keeps name and value only; the probability is read from the tree.
-    (finding,) = [i for i in series_group[0].ContentSequence
+    (finding,) = [i for i in finding_group[0].ContentSequence
                   if i.ConceptNameCodeSequence[0].CodeValue == CLINICAL_FINDING.value]
     probability = finding.ContentSequence[0]
     assert probability.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
@@ -378,7 +379,7 @@ def test_sr_content_tree_structure(lung_case: Case) -> None:
     assert root["121012"].UID == lung_case.objects["SEG"].ContributingEquipmentSequence[-1].DeviceUID
     assert root["121058"].ConceptCodeSequence[0].CodeValue == "24627-2"  # procedure reported: CT chest
     groups = list(root["126010"].ContentSequence)  # Imaging Measurements
-    assert [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups] == ["1411", "1411", "1501"]
+    assert [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups] == ["1411", "1411", "1501", "1501"]
     for number, group in enumerate(groups[:2], start=1):
         items = {code(i): i for i in group.ContentSequence}
         assert items["112039"].TextValue == ("Right lung", "Left lung")[number - 1]  # tracking identifier
@@ -392,6 +393,10 @@ def test_sr_content_tree_structure(lung_case: Case) -> None:
     series_items = [code(i) for i in groups[2].ContentSequence]
     assert "121191" not in series_items and series_items.count("118565006") == 1
     assert "121112" in series_items  # source of measurement: the key slice
+    finding_items = {code(i): i for i in groups[3].ContentSequence}
+    assert finding_items["112039"].TextValue == EMPHYSEMA.meaning
+    assert finding_items[CLINICAL_FINDING.value].ConceptCodeSequence[0].CodeValue == EMPHYSEMA.value
+    assert "121112" in finding_items and "118565006" not in finding_items
 
 
 # --- determinism: a re-run replaces, a new version coexists --------------------------------------------

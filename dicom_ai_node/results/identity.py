@@ -51,6 +51,19 @@ def copy_body_part(ds: Dataset, source: Dataset) -> None:
         ds.BodyPartExamined = source.BodyPartExamined
 
 
+def copy_laterality(ds: Dataset, source: Dataset) -> None:
+    """Keep the source's Laterality; without it and without BodyPartExamined, send it empty (unknown).
+
+    General Series Laterality is type 2C on a paired body part. dciodvfy cannot judge the condition of an
+    SC, Parametric Map or presentation state without BodyPartExamined and reports Laterality missing (an
+    Error), so it is kept or sent empty.
+    """
+    if "Laterality" in source:
+        ds["Laterality"] = deepcopy(source["Laterality"])
+    elif "BodyPartExamined" not in ds:
+        ds.Laterality = None
+
+
 @contextmanager
 def no_person_name_warnings() -> Iterator[None]:
     """Silence highdicom's person-name warning, whose text quotes the name (PHI) into logs."""

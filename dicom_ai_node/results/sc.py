@@ -2,11 +2,12 @@
 
 The key slice is windowed, enlarged to at least 512 pixels so that burned-in text stays readable, and each
 segment's outline is drawn in its colour with a legend and the "AI result" warning burned in.
+
+`secondary_capture` turns any such rendering of a source slice into the SC object; the heatmap SC uses it too.
 """
 from __future__ import annotations
 
 import math
-from copy import deepcopy
 
 import highdicom as hd
 import numpy as np
@@ -17,9 +18,15 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
+from dicom_ai_node.imaging.display import display_pixels, has_window, slice_header
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, PipelineResult, Segment
-from dicom_ai_node.results.identity import copy_body_part, copy_patient_study, no_person_name_warnings
+from dicom_ai_node.results.identity import (
+    copy_body_part,
+    copy_laterality,
+    copy_patient_study,
+    no_person_name_warnings,
+)
 from dicom_ai_node.results.provenance import (
     NOT_FOR_DIAGNOSTIC_USE,
     ResultContext,
@@ -33,28 +40,15 @@ from dicom_ai_node.results.uids import derive_result_uid
 
 SC_SERIES_NUMBER = 9003
 MIN_OUTPUT_PIXELS = 512
-CT_LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
+CT_LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU: for CT slices without a window of their own
 PALETTE = ((255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0), (220, 64, 255), (0, 230, 230))
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 
 
-def first_number(value: object) -> float | None:
-    """The first value of a DS/IS element value (multi-valued or not), None when empty."""
-    if isinstance(value, MultiValue):
-        value = value[0] if len(value) else None
-    return None if value is None or value == "" else float(value)
-
-
-def display_window(source: Dataset, volume: Volume, pixels: np.ndarray) -> tuple[float, float]:
-    """(centre, width): the source's first VOI window, else a lung window for CT, else the 1-99th percentile."""
-    centre, width = first_number(source.get("WindowCenter")), first_number(source.get("WindowWidth"))
-    if centre is not None and width is not None and width > 0:
-        return centre, width
-    if volume.modality == "CT":
-        return CT_LUNG_WINDOW
-    low, high = np.percentile(pixels, [1, 99])
-    return float(low + high) / 2.0, max(float(high - low), 1.0)
+def carries_voi(header: Dataset) -> bool:
+    """Whether the image (or frame) header has its own VOI LUT or a usable window."""
+    return has_window(header) or bool(header.get("VOILUTSequence"))
 
 
 def windowed(pixels: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -96,31 +90,53 @@ def warning_text(manifest: Manifest) -> str:
     return f"AI result - {NOT_FOR_DIAGNOSTIC_USE}" if manifest.model_card.not_for_diagnostic_use else "AI result"
 
 
+def shown_gray(volume: Volume, index: int) -> tuple[np.ndarray, int]:
+    """(RGB uint8 image, enlargement factor) of slice `index` as a viewer shows it, enlarged for legible text.
+
+    imaging.display applies the source's VOI LUT or window and shows MONOCHROME1 (many radiographs) as the
+    modality does; a CT slice without a window of its own gets the lung window instead of its full range.
+    """
+    pixels = volume.array[index]
+    if volume.modality == "CT" and not carries_voi(slice_header(volume, index)):
+        gray = windowed(pixels, *CT_LUNG_WINDOW)
+    else:
+        gray = display_pixels(volume, index)
+    factor = max(1, math.ceil(MIN_OUTPUT_PIXELS / max(pixels.shape)))
+    enlarged = Image.fromarray(gray).resize((pixels.shape[1] * factor, pixels.shape[0] * factor),
+                                            Image.Resampling.BICUBIC)
+    return np.array(enlarged.convert("RGB")), factor
+
+
+def text_size_for(image: Image.Image) -> int:
+    return max(12, image.width // 24)  # about 10 px tall even when a viewer shows it at 256 px
+
+
+def draw_warning(draw: ImageDraw.ImageDraw, image: Image.Image, manifest: Manifest) -> None:
+    """Burn the "AI result" warning into the bottom left, shrunk to fit the width."""
+    size = text_size_for(image)
+    margin = size // 2
+    text = warning_text(manifest)
+    text_size = fitting_size(draw, text, size, image.width - 2 * margin)
+    draw_label(draw, (margin, image.height - margin - text_size - text_size // 3), text, text_size)
+
+
 def key_image(volume: Volume, result: PipelineResult, manifest: Manifest, index: int) -> tuple[np.ndarray, int]:
     """(RGB uint8 image, enlargement factor) of slice `index` with outlines, legend and warning burned in."""
-    pixels = volume.array[index]
-    centre, width = display_window(volume.sources[index], volume, pixels)
-    factor = max(1, math.ceil(MIN_OUTPUT_PIXELS / max(pixels.shape)))
-    gray = Image.fromarray(windowed(pixels, centre, width)).resize(
-        (pixels.shape[1] * factor, pixels.shape[0] * factor), Image.Resampling.BICUBIC
-    )
-    rgb = np.array(gray.convert("RGB"))
+    rgb, factor = shown_gray(volume, index)
     segments = sorted_segments(result, volume)
     for segment in segments:
         mask = (segment.mask[index] > 0.5).repeat(factor, axis=0).repeat(factor, axis=1)
         rgb[outline(mask, thickness=max(2, factor))] = segment_colour(segment)  # visible at any zoom
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
-    size = max(12, image.width // 24)  # about 10 px tall even when a viewer shows it at 256 px
+    size = text_size_for(image)
     margin = size // 2
     y = margin
     for segment in segments:
         swatch = size
         draw.rectangle((margin, y, margin + swatch, y + swatch), fill=segment_colour(segment), outline=WHITE)
         y += max(swatch, draw_label(draw, (margin + swatch + size // 2, y), segment.label, size)) + margin // 2
-    text = warning_text(manifest)
-    text_size = fitting_size(draw, text, size, image.width - 2 * margin)
-    draw_label(draw, (margin, image.height - margin - text_size - text_size // 3), text, text_size)
+    draw_warning(draw, image, manifest)
     return np.array(image), factor
 
 
@@ -141,23 +157,47 @@ def source_image_item(source: Dataset) -> Dataset:
     return item
 
 
-def copy_laterality(sc: Dataset, source: Dataset) -> None:
-    """Keep the source's Laterality; without it and without BodyPartExamined, send it empty (unknown).
+def positive_spacing(value: object) -> tuple[float, float] | None:
+    """A (row, column) spacing from a PixelSpacing-like value, None when absent or not positive."""
+    values = [float(v) for v in value] if isinstance(value, (MultiValue, list, tuple)) else []
+    return (values[0], values[1]) if len(values) == 2 and min(values) > 0 else None
 
-    General Series Laterality is type 2C on a paired body part. dciodvfy cannot judge the condition of an
-    SC without BodyPartExamined and reports Laterality missing (an Error), so it is kept or sent empty.
+
+def sc_geometry(volume: Volume, source: Dataset, factor: int) -> tuple[tuple[float, float] | None, tuple[str, str]]:
+    """(PixelSpacing or None, PatientOrientation) of a rendering of `source` enlarged `factor` times.
+
+    A cross-sectional source gives both from the volume's geometry. A radiograph (no frame of reference) keeps
+    its own PatientOrientation where it has one, and its PixelSpacing only where that is a real spacing
+    (some CR write 0\\0).
     """
-    if "Laterality" in source:
-        sc["Laterality"] = deepcopy(source["Laterality"])
-    elif "BodyPartExamined" not in sc:
-        sc.Laterality = None
+    orientation = (patient_orientation(volume.row_direction), patient_orientation(volume.column_direction))
+    if "FrameOfReferenceUID" in source:
+        return (volume.spacing[1] / factor, volume.spacing[2] / factor), orientation
+    if len(source.get("PatientOrientation", [])) == 2:
+        orientation = tuple(str(v) for v in source.PatientOrientation)
+    spacing = positive_spacing(source.get("PixelSpacing"))
+    return (None if spacing is None else (spacing[0] / factor, spacing[1] / factor)), orientation
 
 
-def build_key_image_sc(volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext) -> Dataset:
-    """The key-image Secondary Capture of `result` (RGB, burned-in annotation)."""
-    index = key_slice_index(volume, result)
+def secondary_capture(
+    volume: Volume,
+    index: int,
+    rendering: tuple[np.ndarray, int],
+    manifest: Manifest,
+    ctx: ResultContext,
+    uid_kind: str,
+    uid_index: int,
+    series_number: int,
+    what: str,
+    derivation: str,
+) -> Dataset:
+    """An RGB Secondary Capture of `rendering` (pixels, enlargement factor) drawn over source slice `index`.
+
+    `uid_kind` names the UID kinds (`<kind>-series`, `<kind>`); `uid_index` numbers objects in that series.
+    """
     source = volume.sources[index]
-    pixels, factor = key_image(volume, result, manifest, index)
+    pixels, factor = rendering
+    pixel_spacing, orientation = sc_geometry(volume, source, factor)
     series_uid = source_series_uid(volume)
     with no_person_name_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -167,16 +207,17 @@ def build_key_image_sc(volume: Volume, result: PipelineResult, manifest: Manifes
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=derive_result_uid(
-                ctx.org_root, series_uid, manifest.name, manifest.version, "sc-series"
+                ctx.org_root, series_uid, manifest.name, manifest.version, f"{uid_kind}-series"
             ),
-            series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=derive_result_uid(ctx.org_root, series_uid, manifest.name, manifest.version, "sc"),
-            instance_number=1,
-            pixel_spacing=(volume.spacing[1] / factor, volume.spacing[2] / factor),
-            patient_orientation=(patient_orientation(volume.row_direction),
-                                 patient_orientation(volume.column_direction)),
+            series_number=series_number,
+            sop_instance_uid=derive_result_uid(
+                ctx.org_root, series_uid, manifest.name, manifest.version, uid_kind, uid_index
+            ),
+            instance_number=uid_index + 1,
+            pixel_spacing=pixel_spacing,
+            patient_orientation=orientation,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=series_description(manifest, "key image"),
+            series_description=series_description(manifest, what),
             **equipment_kwargs(manifest, ctx),
         )
     # highdicom writes ConversionType DI (digitized film) and no annotation flag; this is a workstation
@@ -187,10 +228,20 @@ def build_key_image_sc(volume: Volume, result: PipelineResult, manifest: Manifes
     sc.SecondaryCaptureDeviceManufacturer = ctx.manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = manifest.name
     sc.SecondaryCaptureDeviceSoftwareVersions = software_versions(manifest, ctx)
-    sc.DerivationDescription = f"Key image of {manifest.name} {manifest.version} results drawn over the source slice"
+    sc.DerivationDescription = derivation
     sc.SourceImageSequence = [source_image_item(source)]
     copy_patient_study(sc, source)
     copy_body_part(sc, source)
     copy_laterality(sc, source)
     add_provenance(sc, manifest, ctx)
     return sc
+
+
+def build_key_image_sc(volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext) -> Dataset:
+    """The key-image Secondary Capture of `result` (RGB, burned-in annotation)."""
+    index = key_slice_index(volume, result)
+    return secondary_capture(
+        volume, index, key_image(volume, result, manifest, index), manifest, ctx,
+        uid_kind="sc", uid_index=0, series_number=SC_SERIES_NUMBER, what="key image",
+        derivation=f"Key image of {manifest.name} {manifest.version} results drawn over the source slice",
+    )

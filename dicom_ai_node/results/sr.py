@@ -1,9 +1,17 @@
 """PipelineResult measurements and findings -> a TID 1500 Measurement Report (Comprehensive 3D SR).
 
-Layout: one TID 1411 volumetric group per segment that has measurements or findings, referencing the
-segment in the SEG (and sharing its TrackingUID), plus one TID 1501 group (no ROI) for series-level
-measurements and findings. The observer is the pipeline as a device; the report is left UNVERIFIED and
-PARTIAL because no person has reviewed it.
+Layout, in this order:
+
+- one TID 1411 volumetric group per segment that has measurements or findings, referencing the segment in
+  the SEG (and sharing its TrackingUID);
+- one TID 1501 group for series-level measurements (those of no segment), sourced on the key slice;
+- one TID 1501 group per finding of no segment (a classification), with its own tracking identifier and
+  UID, its coded answer and probability, sourced on the key slice (for a radiograph: the image);
+- one TID 1410 planar group per detection region (box or key point) with its SCOORD on the source image,
+  what OHIF draws, and the probability as a NUM measurement.
+
+The observer is the pipeline as a device; the report is left UNVERIFIED and PARTIAL because no person has
+reviewed it.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pydicom.sr.coding import Code
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Finding, Manifest, Measurement, PipelineResult, Segment
 from dicom_ai_node.results.coding import coded
+from dicom_ai_node.results.detections import Region, detection_regions
 from dicom_ai_node.results.identity import copy_patient_study, no_person_name_warnings
 from dicom_ai_node.results.provenance import (
     LO_MAX,
@@ -26,6 +35,7 @@ from dicom_ai_node.results.provenance import (
     equipment_kwargs,
     series_description,
 )
+from dicom_ai_node.results.seg import encoding_uid_part
 from dicom_ai_node.results.segments import key_slice_index, sorted_segments, source_series_uid, tracking_uid
 from dicom_ai_node.results.uids import derive_result_uid
 
@@ -42,7 +52,11 @@ PROCEDURES_BY_MODALITY = {
     "DX": codes.LN.XRUnspecifiedBodyRegion,
 }
 PROBABILITY_UNIT = Code("1", "UCUM", "no units")
-Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
 
 
 def procedure_reported(source: Dataset) -> Code:
@@ -97,6 +111,10 @@ def qualitative_evaluation(finding: Finding) -> hd.sr.QualitativeEvaluation:
     return evaluation
 
 
+def probability_measurement(probability: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability), unit=PROBABILITY_UNIT)
+
+
 def algorithm_id(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
 
@@ -135,24 +153,67 @@ def segment_group(
     )
 
 
+def key_source_image(volume: Volume, result: PipelineResult) -> hd.sr.SourceImageForMeasurementGroup:
+    key = volume.sources[key_slice_index(volume, result)]
+    return hd.sr.SourceImageForMeasurementGroup(key.SOPClassUID, key.SOPInstanceUID)
+
+
 def series_group(
     measurements: Sequence[Measurement],
-    findings: Sequence[Finding],
     volume: Volume,
     result: PipelineResult,
     manifest: Manifest,
     ctx: ResultContext,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for what belongs to no segment; it names the key slice as its source image."""
-    key = volume.sources[key_slice_index(volume, result)]
+    """TID 1501 group for measurements of no segment; it names the key slice as its source image."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(volume, manifest, ctx, 0), identifier=SERIES_GROUP_IDENTIFIER
         ),
         algorithm_id=algorithm_id(manifest),
-        measurements=[measurement(m) for m in measurements] or None,
-        qualitative_evaluations=[qualitative_evaluation(f) for f in findings] or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(key.SOPClassUID, key.SOPInstanceUID)],
+        measurements=[measurement(m) for m in measurements],
+        source_images=[key_source_image(volume, result)],
+    )
+
+
+def finding_group(
+    finding: Finding,
+    number: int,
+    volume: Volume,
+    result: PipelineResult,
+    manifest: Manifest,
+    ctx: ResultContext,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of finding `number` (1-based among those of no segment): a tracked classification."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_result_uid(
+                ctx.org_root, source_series_uid(volume), manifest.name, manifest.version, "finding-tracking", number
+            ),
+            identifier=finding.value.meaning[:LO_MAX],
+        ),
+        algorithm_id=algorithm_id(manifest),
+        qualitative_evaluations=[qualitative_evaluation(finding)],
+        source_images=[key_source_image(volume, result)],
+    )
+
+
+def detection_group(
+    region: Region, volume: Volume, manifest: Manifest
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one detection region: its SCOORD on the source slice, finding type and probability."""
+    source = volume.sources[region.detection.slice_index]
+    probability = region.detection.probability
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=region.tracking_uid, identifier=region.tracking_id),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
+            graphic_data=region.data,
+            source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+        ),
+        finding_type=coded(region.detection.finding),
+        algorithm_id=algorithm_id(manifest),
+        measurements=[probability_measurement(probability)] if probability is not None else None,
     )
 
 
@@ -173,18 +234,30 @@ def measurement_groups(
         if ms or fs:
             groups.append(segment_group(segment, ms, fs, volume, manifest, ctx, seg))
     ms = [m for m in result.measurements if m.segment_number is None]
+    if ms:
+        groups.append(series_group(ms, volume, result, manifest, ctx))
     fs = [f for f in result.findings if f.segment_number is None]
-    if ms or fs:
-        groups.append(series_group(ms, fs, volume, result, manifest, ctx))
+    groups += [finding_group(f, number, volume, result, manifest, ctx) for number, f in enumerate(fs, start=1)]
+    groups += [detection_group(region, volume, manifest) for region in detection_regions(volume, result, manifest, ctx)]
     return groups
+
+
+def has_report_content(result: PipelineResult) -> bool:
+    """Whether TID 1500 has a group to hold (it needs at least one)."""
+    return bool(result.measurements or result.findings or result.detections)
 
 
 def build_sr(
     volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
 ) -> Dataset:
-    """The TID 1500 report of `result`; `seg` is the SEG of its segments (None only when there are none)."""
-    if not (result.measurements or result.findings):
-        raise ValueError(f"series {source_series_uid(volume)}: the result has no measurements or findings to report")
+    """The TID 1500 report of `result`; `seg` is the SEG of its segments (None only when there are none).
+
+    Its SOPInstanceUID follows the SEG's encoding, as the SEG's own does: the report names that SEG.
+    """
+    if not has_report_content(result):
+        raise ValueError(
+            f"series {source_series_uid(volume)}: the result has no measurements, findings or detections to report"
+        )
     source = volume.sources[0]
     series_uid = source_series_uid(volume)
     report = hd.sr.MeasurementReport(
@@ -202,7 +275,9 @@ def build_sr(
                 ctx.org_root, series_uid, manifest.name, manifest.version, "sr-series"
             ),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=derive_result_uid(ctx.org_root, series_uid, manifest.name, manifest.version, "sr"),
+            sop_instance_uid=derive_result_uid(
+                ctx.org_root, series_uid, manifest.name, manifest.version, "sr", part=encoding_uid_part(seg)
+            ),
             instance_number=1,
             is_complete=False,
             is_final=False,

@@ -11,9 +11,15 @@ Kinds (the `kind` argument of `derive_result_uid`):
 - ``seg-series``, ``seg``: SeriesInstanceUID / SOPInstanceUID of the Segmentation
 - ``sr-series``, ``sr``: the same for the TID 1500 Comprehensive 3D SR
 - ``sc-series``, ``sc``: the same for the key-image Secondary Capture
-- ``pmap-series``, ``pmap``: the same for a Parametric Map (heatmaps)
+- ``pmap-series``, ``pmap``: the same for the Parametric Maps of heatmaps; `index` is the heatmap's position
+- ``heatmap-sc-series``, ``heatmap-sc``: the same for the heatmap Secondary Captures; `index` as for pmap
+- ``gsps-series``, ``gsps``: the same for the Grayscale Softcopy Presentation State of detections
 - ``tracking``: tracking UIDs that tie a SEG segment to its SR measurement group; `index` is the
   segment number, 0 is the group of series-level measurements
+- ``finding-tracking``: tracking UID of the SR group of a finding that belongs to no segment; `index` is the
+  finding's position among those
+- ``detection-tracking``: tracking UID of one region of a detection, shared by its SR planar group and its
+  GSPS graphics; `index` is the detection's position, `part` the region's (box first, then key points)
 
 The device UID (the pipeline version running on this node) identifies equipment rather than a result, so
 it does not depend on a series and comes from `derive_device_uid`.
@@ -25,9 +31,10 @@ import re
 
 from pydicom.uid import UID, generate_uid
 
-RESULT_UID_KINDS = frozenset(
-    {"seg-series", "seg", "sr-series", "sr", "sc-series", "sc", "pmap-series", "pmap", "tracking"}
-)
+RESULT_UID_KINDS = frozenset({
+    "seg-series", "seg", "sr-series", "sr", "sc-series", "sc", "pmap-series", "pmap",
+    "heatmap-sc-series", "heatmap-sc", "gsps-series", "gsps", "tracking", "finding-tracking", "detection-tracking",
+})
 
 # A root of at most 40 characters leaves at least 24 hash digits (about 80 bits) in a 64-character UID,
 # enough that two different inputs practically never share a UID.
@@ -59,16 +66,21 @@ def _hashed_uid(org_root: str, parts: list[str]) -> str:
 
 
 def derive_result_uid(
-    org_root: str, source_series_uid: str, pipeline: str, version: str, kind: str, index: int = 0
+    org_root: str, source_series_uid: str, pipeline: str, version: str, kind: str, index: int = 0,
+    part: int | None = None,
 ) -> str:
-    """The UID of result `kind` number `index` made by `pipeline` `version` from `source_series_uid`."""
+    """The UID of result `kind` number `index` (part `part`) made by `pipeline` `version` from `source_series_uid`.
+
+    Without `part` the hashed input is what it always was, so UIDs of existing kinds never change.
+    """
     if kind not in RESULT_UID_KINDS:
         raise ValueError(f"unknown result UID kind {kind!r}; known: {', '.join(sorted(RESULT_UID_KINDS))}")
     if not source_series_uid:
         raise ValueError("source_series_uid is empty: result UIDs are derived from the source SeriesInstanceUID")
-    if index < 0:
-        raise ValueError(f"index {index} is negative")
-    return _hashed_uid(org_root, ["result", source_series_uid, pipeline, version, kind, str(index)])
+    if index < 0 or (part is not None and part < 0):
+        raise ValueError(f"index {index} or part {part} is negative")
+    parts = ["result", source_series_uid, pipeline, version, kind, str(index)]
+    return _hashed_uid(org_root, parts if part is None else [*parts, str(part)])
 
 
 def derive_device_uid(org_root: str, node_name: str, pipeline: str, version: str) -> str:

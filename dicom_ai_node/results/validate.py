@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
@@ -28,13 +29,30 @@ from dicom_ai_node.results.identity import PATIENT_STUDY_KEYWORDS, PATIENT_STUDY
 from dicom_ai_node.results.provenance import NOT_FOR_DIAGNOSTIC_USE
 from dicom_ai_node.results.writer import save
 
-SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
+LABEL_MAP_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
+SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", LABEL_MAP_SEG_CLASS}
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34"}  # Comprehensive 3D SR, what the node writes
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}
+PM_CLASSES = {"1.2.840.10008.5.1.4.1.1.30"}
+PR_CLASSES = {"1.2.840.10008.5.1.4.1.1.11.1"}  # Grayscale Softcopy Presentation State
+KINDS_BY_CLASSES = (("SEG", SEG_CLASSES), ("SR", SR_CLASSES), ("SC", SC_CLASSES), ("PM", PM_CLASSES),
+                    ("PR", PR_CLASSES))
 SOURCE_IMAGE_FOR_PROCESSING = "121322"
 OBSERVER_TYPE, DEVICE, DEVICE_OBSERVER_UID = "121005", "121007", "121012"
 REFERENCED_SEGMENT = "121191"
 DCIODVFY_TIMEOUT_S = 120
+# dicom3tools 2022 predates Label Map Segmentation (2024). In a label map it finds no IOD and takes the
+# background segment 0 for a numbering error; in an SR referencing one it refuses the segment number of a
+# class it does not know as a segmentation. Those lines only date dciodvfy; every other line (VRs, value
+# multiplicities, the SR's own IOD) still counts.
+LABEL_MAP_LINES = (
+    re.compile(r"^Error - Information Object Not found$"),
+    re.compile(r"SegmentNumber not monotonically increasing from one .* with SegmentNumber of 0$"),
+)
+LABEL_MAP_REFERENCE_LINES = (
+    re.compile(r"ReferencedSegmentNumber\(0062,000b\)> - Shall not be present for Referenced SOP Class that is "
+               r"not segmentation$"),
+)
 
 
 class ResultValidationError(ValueError):
@@ -52,9 +70,9 @@ def tag_name(keyword: str) -> str:
 
 
 def result_kind(ds: Dataset) -> str:
-    """SEG, SR or SC by SOPClassUID; '' for a class the node does not produce."""
+    """SEG, SR, SC, PM (Parametric Map) or PR (presentation state) by SOPClassUID; '' for another class."""
     sop_class = str(ds.get("SOPClassUID", ""))
-    for kind, classes in (("SEG", SEG_CLASSES), ("SR", SR_CLASSES), ("SC", SC_CLASSES)):
+    for kind, classes in KINDS_BY_CLASSES:
         if sop_class in classes:
             return kind
     return ""
@@ -120,7 +138,8 @@ def uid_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
 
 
 # 3. References resolve to the source instances.
-def seg_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instances_keyword: str) -> list[str]:
+    """ReferencedSeriesSequence names the source series, and its `instances_keyword` items source instances."""
     problems = []
     series_uid = str(sources[0].SeriesInstanceUID)
     source_sops = {str(s.SOPInstanceUID) for s in sources}
@@ -128,10 +147,17 @@ def seg_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]
     if not series_items:
         problems.append(f"{tag_name('ReferencedSeriesSequence')} does not reference source series {series_uid}")
     for item in series_items:
-        for ref in item.get("ReferencedInstanceSequence", []):
+        for ref in item.get(instances_keyword, []):
             if ref.get("ReferencedSOPInstanceUID") not in source_sops:
-                problems.append(f"{tag_name('ReferencedInstanceSequence')} names "
+                problems.append(f"{tag_name(instances_keyword)} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
+    return problems
+
+
+def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+    """SEG and Parametric Map: the series reference, and every frame derived from a source instance."""
+    problems = referenced_series_problems(ds, sources, "ReferencedInstanceSequence")
+    source_sops = {str(s.SOPInstanceUID) for s in sources}
     frames = ds.get("PerFrameFunctionalGroupsSequence", [])
     if not frames:
         problems.append(f"{tag_name('PerFrameFunctionalGroupsSequence')} is missing or empty")
@@ -170,6 +196,36 @@ def sr_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Dataset 
     return problems
 
 
+def sr_image_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None) -> list[str]:
+    """Every IMAGE content item (sources of groups, SCOORD regions) names a source instance or the SEG."""
+    known = {str(s.SOPInstanceUID) for s in sources} | ({str(seg.SOPInstanceUID)} if seg is not None else set())
+    return [
+        f"IMAGE content item: {tag_name('ReferencedSOPInstanceUID')} {ref.get('ReferencedSOPInstanceUID')} "
+        "is not a source instance"
+        for item in content_items(ds.get("ContentSequence", []))
+        if item.get("ValueType") == "IMAGE"
+        for ref in item.get("ReferencedSOPSequence", [])
+        if str(ref.get("ReferencedSOPInstanceUID")) not in known
+    ]
+
+
+def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
+    """The presentation state applies to source images, and each annotation sits on one of them."""
+    problems = referenced_series_problems(ds, sources, "ReferencedImageSequence")
+    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    annotations = ds.get("GraphicAnnotationSequence", [])
+    if not annotations:
+        problems.append(f"{tag_name('GraphicAnnotationSequence')} is missing or empty")
+    for number, annotation in enumerate(annotations, start=1):
+        refs = annotation.get("ReferencedImageSequence", [])
+        if not refs:
+            problems.append(f"annotation {number}: {tag_name('ReferencedImageSequence')} is missing or empty")
+        problems += [f"annotation {number}: {tag_name('ReferencedImageSequence')} names "
+                     f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance"
+                     for ref in refs if ref.get("ReferencedSOPInstanceUID") not in source_sops]
+    return problems
+
+
 def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     refs = ds.get("SourceImageSequence", [])
     if not refs:
@@ -185,7 +241,7 @@ def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
 # 4. Derived and machine-made, and said so.
 def flag_problems(ds: Dataset, kind: str, manifest: Manifest | None) -> list[str]:
     problems = []
-    if kind in ("SEG", "SC") and (list(ds.get("ImageType", [])) or [""])[0] != "DERIVED":
+    if kind in ("SEG", "SC", "PM") and (list(ds.get("ImageType", [])) or [""])[0] != "DERIVED":
         problems.append(f"{tag_name('ImageType')} value 1 is not DERIVED")
     if kind == "SR" and ds.get("VerificationFlag") != "UNVERIFIED":
         problems.append(f"{tag_name('VerificationFlag')} is not UNVERIFIED")
@@ -242,12 +298,17 @@ def provenance_problems(ds: Dataset, kind: str, manifest: Manifest | None) -> li
     return problems
 
 
-# 6. SEG geometry and coding; SR template and segment references.
-def seg_content_problems(ds: Dataset, source: Dataset) -> list[str]:
-    problems = []
+# 6. SEG and Parametric Map geometry, SEG coding; SR template and segment references.
+def frame_of_reference_problems(ds: Dataset, source: Dataset) -> list[str]:
     if ds.get("FrameOfReferenceUID") != source.get("FrameOfReferenceUID"):
-        problems.append(f"{tag_name('FrameOfReferenceUID')} differs from the source's")
-    segments = ds.get("SegmentSequence", [])
+        return [f"{tag_name('FrameOfReferenceUID')} differs from the source's"]
+    return []
+
+
+def seg_content_problems(ds: Dataset, source: Dataset) -> list[str]:
+    problems = frame_of_reference_problems(ds, source)
+    # A label map's segment 0 is its background, coded DCM "Background" by the standard.
+    segments = [item for item in ds.get("SegmentSequence", []) if int(item.get("SegmentNumber", 0)) > 0]
     if not segments:
         problems.append(f"{tag_name('SegmentSequence')} is missing or empty")
     for item in segments:
@@ -282,10 +343,41 @@ def sr_content_problems(ds: Dataset, seg: Dataset | None) -> list[str]:
 
 
 # 7a. highdicom reads it back from its encoded bytes.
+def read_presentation_state(ds: Dataset) -> list[Dataset]:
+    """highdicom 0.28 has no reader for presentation states: rebuild every graphic and text object with its
+    validating constructors instead, which refuse what a viewer could not draw."""
+    rebuilt: list[Dataset] = []
+    for annotation in ds.GraphicAnnotationSequence:
+        for item in annotation.get("GraphicObjectSequence", []):
+            rebuilt.append(hd.pr.GraphicObject(
+                graphic_type=item.GraphicType,
+                graphic_data=np.array(item.GraphicData, dtype=float).reshape(-1, 2),
+                units=item.GraphicAnnotationUnits,
+                is_filled=item.get("GraphicFilled") == "Y",
+                tracking_id=item.get("TrackingID"),
+                tracking_uid=item.get("TrackingUID"),
+            ))
+        for item in annotation.get("TextObjectSequence", []):
+            rebuilt.append(hd.pr.TextObject(
+                text_value=item.UnformattedTextValue,
+                units=item.get("AnchorPointAnnotationUnits") or item.BoundingBoxAnnotationUnits,
+                bounding_box=(
+                    (*item.BoundingBoxTopLeftHandCorner, *item.BoundingBoxBottomRightHandCorner)
+                    if "BoundingBoxTopLeftHandCorner" in item else None
+                ),
+                anchor_point=tuple(item.AnchorPoint) if "AnchorPoint" in item else None,
+                tracking_id=item.get("TrackingID"),
+                tracking_uid=item.get("TrackingUID"),
+            ))
+    return rebuilt
+
+
 READERS: dict[str, Callable[[Dataset], object]] = {
     "SEG": hd.seg.Segmentation.from_dataset,
     "SR": hd.sr.Comprehensive3DSR.from_dataset,
     "SC": hd.Image.from_dataset,
+    "PM": hd.pm.ParametricMap.from_dataset,
+    "PR": read_presentation_state,
 }
 
 
@@ -300,50 +392,71 @@ def readback_problems(ds: Dataset, kind: str) -> list[str]:
     return []
 
 
+def reference_problems(ds: Dataset, kind: str, sources: Sequence[Dataset], seg: Dataset | None) -> list[str]:
+    if kind in ("SEG", "PM"):
+        return frame_reference_problems(ds, sources)
+    if kind == "SR":
+        return sr_reference_problems(ds, sources, seg) + sr_image_reference_problems(ds, sources, seg)
+    if kind == "PR":
+        return pr_reference_problems(ds, sources)
+    return sc_reference_problems(ds, sources)
+
+
 def check_result(
     ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None
 ) -> list[str]:
     """Problems of result object `ds` made from `sources` (the source series); [] when it meets the standards.
 
     `seg` is the SEG an SR references (needed to check its segment references); `manifest` enables the
-    checks that depend on the pipeline (name, version, the model card's diagnostic-use flag).
+    checks that depend on the pipeline (name, version, the model card's diagnostic-use flag). Heatmap
+    Secondary Captures are checked as SCs.
     """
     if not sources:
         return ["no source instances to check against"]
     kind = result_kind(ds)
     if not kind:
-        return [f"{tag_name('SOPClassUID')} {ds.get('SOPClassUID', '')} is not a SEG, SR or SC the node produces"]
+        return [f"{tag_name('SOPClassUID')} {ds.get('SOPClassUID', '')} is not a SEG, SR, SC, Parametric Map "
+                "or presentation state the node produces"]
     problems = identity_problems(ds, sources[0]) + uid_problems(ds, sources)
-    if kind == "SEG":
-        problems += seg_reference_problems(ds, sources)
-    elif kind == "SR":
-        problems += sr_reference_problems(ds, sources, seg)
-    else:
-        problems += sc_reference_problems(ds, sources)
+    problems += reference_problems(ds, kind, sources, seg)
     problems += flag_problems(ds, kind, manifest) + provenance_problems(ds, kind, manifest)
     if kind == "SEG":
         problems += seg_content_problems(ds, sources[0])
+    elif kind == "PM":
+        problems += frame_of_reference_problems(ds, sources[0])
     elif kind == "SR":
         problems += sr_content_problems(ds, seg)
     return problems + readback_problems(ds, kind)
 
 
+def lines_predating_dciodvfy(ds: Dataset) -> tuple[re.Pattern[str], ...]:
+    """The dciodvfy Error lines that `ds` draws only because dicom3tools 2022 predates its IOD or references."""
+    if ds.get("SOPClassUID") == LABEL_MAP_SEG_CLASS:
+        return LABEL_MAP_LINES
+    if any(element.VR == "UI" and element.value == LABEL_MAP_SEG_CLASS for element in ds.iterall()):
+        return LABEL_MAP_REFERENCE_LINES
+    return ()
+
+
 def dciodvfy_errors(path: Path) -> list[str] | None:
     """The Error lines of `dciodvfy -new path` (values redacted), or None when dciodvfy is not installed.
 
-    dciodvfy can print Error lines and still exit 0, so the lines count, not the exit status.
+    dciodvfy can print Error lines and still exit 0, so the lines count, not the exit status. The lines that
+    only say the installed dciodvfy predates Label Map Segmentation do not count.
     """
     executable = shutil.which("dciodvfy")
     if executable is None:
         return None
     run = subprocess.run([executable, "-new", str(path)], capture_output=True, text=True,
                          errors="replace", timeout=DCIODVFY_TIMEOUT_S, check=False)
+    unknown_iod_lines = lines_predating_dciodvfy(pydicom.dcmread(path, stop_before_pixels=True))
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if re.search(r"\bError\b", line)]
     errors = [
         re.sub(r"= <[^>]*>", "= <redacted>", line)  # dciodvfy quotes values; they may be PHI
-        for line in (run.stdout + run.stderr).splitlines()
-        if re.search(r"\bError\b", line)
+        for line in lines
+        if not any(pattern.search(line) for pattern in unknown_iod_lines)
     ]
-    if not errors and run.returncode != 0:
+    if not lines and run.returncode != 0:
         errors.append(f"dciodvfy exited with status {run.returncode} without an Error line")
     return errors
 

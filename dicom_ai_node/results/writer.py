@@ -11,12 +11,16 @@ from pydicom.uid import UID
 
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, PipelineResult
+from dicom_ai_node.results.gsps import build_gsps
+from dicom_ai_node.results.heatmap_sc import build_heatmap_scs
+from dicom_ai_node.results.pmap import build_parametric_maps, has_frame_of_reference
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.sc import build_key_image_sc
-from dicom_ai_node.results.seg import build_seg
-from dicom_ai_node.results.sr import build_sr
+from dicom_ai_node.results.seg import SEG_TYPES, build_seg
+from dicom_ai_node.results.sr import build_sr, has_report_content
 
-RESULT_KINDS = ("seg", "sr", "sc")
+RESULT_KINDS = ("seg", "sr", "sc", "pmap", "heatmap_sc", "gsps")
+DEFAULT_KINDS = ("seg", "sr", "sc")
 
 
 def write_results(
@@ -24,27 +28,42 @@ def write_results(
     result: PipelineResult,
     manifest: Manifest,
     ctx: ResultContext,
-    kinds: Sequence[str] = RESULT_KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    seg_type: str | None = None,
 ) -> list[Dataset]:
     """The result objects of `kinds`, SEG before the SR that references it.
 
-    Objects with nothing to encode are not made: no SEG without segments, no SR without measurements or
-    findings (TID 1500 needs at least one group). An SR without segments holds series-level groups only.
+    Kinds: "seg" (encoded as `seg_type`: "binary", "fractional" or "labelmap"; None picks fractional for
+    probability masks, else binary), "sr" (TID 1500), "sc" (key image), "pmap" (a Parametric Map per
+    heatmap), "heatmap_sc" (an RGB rendering per heatmap), "gsps" (detections drawn on the source).
+
+    Objects with nothing to encode are not made: no SEG without segments, no SR without measurements,
+    findings or detections (TID 1500 needs at least one group), no Parametric Map or heatmap SC without
+    heatmaps, no GSPS without detections; and no Parametric Map of a source without a frame of reference
+    (a radiograph; the IOD requires one), whose heatmaps only the heatmap SC shows.
     Every builder copies the patient/study elements from the source and keeps the file meta in step.
     """
     unknown = sorted(set(kinds) - set(RESULT_KINDS))
     if unknown:
         raise ValueError(f"unknown result kinds {unknown}; known: {', '.join(RESULT_KINDS)}")
+    if seg_type is not None and seg_type not in SEG_TYPES:
+        raise ValueError(f"unknown seg_type {seg_type!r}; known: {', '.join(SEG_TYPES)}")
     if "sr" in kinds and result.segments and "seg" not in kinds:
         raise ValueError("an SR of a result with segments references their SEG: add 'seg' to the kinds")
     datasets: list[Dataset] = []
-    seg = build_seg(volume, result, manifest, ctx) if "seg" in kinds and result.segments else None
+    seg = build_seg(volume, result, manifest, ctx, seg_type) if "seg" in kinds and result.segments else None
     if seg is not None:
         datasets.append(seg)
-    if "sr" in kinds and (result.measurements or result.findings):
+    if "sr" in kinds and has_report_content(result):
         datasets.append(build_sr(volume, result, manifest, ctx, seg))
     if "sc" in kinds:
         datasets.append(build_key_image_sc(volume, result, manifest, ctx))
+    if "pmap" in kinds and result.heatmaps and has_frame_of_reference(volume):
+        datasets += build_parametric_maps(volume, result, manifest, ctx)
+    if "heatmap_sc" in kinds:
+        datasets += build_heatmap_scs(volume, result, manifest, ctx)
+    if "gsps" in kinds and result.detections:
+        datasets.append(build_gsps(volume, result, manifest, ctx))
     for ds in datasets:
         sync_file_meta(ds)
     return datasets
