@@ -68,6 +68,12 @@ class Peer(Strict):
     port: int = Field(ge=1, le=65535)
     # Bind the AE title to `host`: an association from another IP with this calling AE is rejected.
     check_ip: bool = True
+    # What this destination receives of each job's results (None: every kind the pipeline writes). Some
+    # PACS refuse SEG or Parametric Map; viewers such as OHIF 3.13 show only BINARY SEG and an SR whose
+    # every measurement group has image coordinates (sr_profile: viewer).
+    accepts: list[Literal["seg", "sr", "sc", "pmap", "heatmap_sc", "gsps"]] | None = None
+    seg_type: Literal["binary", "fractional", "labelmap"] | None = None  # None: as the pipeline's masks are
+    sr_profile: Literal["full", "viewer"] = "full"
 
 
 def _check_conditions(match: dict[str, Any], special: set[str]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dicom_ai_node.assemble import (
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, ConfigError, NodeConfig
 from dicom_ai_node.dispatch import Dispatcher
-from dicom_ai_node.jobs.executor import Executor, JobSpec, LocalExecutor
+from dicom_ai_node.jobs.executor import Executor, JobSpec, LocalExecutor, OutputProfile, ResultFile
 from dicom_ai_node.jobs.store import InstanceRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
 from dicom_ai_node.receive.scp import Receiver
@@ -160,6 +160,24 @@ def plan_jobs(
             for d in decisions
         )
     return jobs, note
+
+
+def output_profile(config: NodeConfig, destination: str) -> OutputProfile:
+    peer = config.peer(destination)
+    return OutputProfile() if peer is None else OutputProfile(peer.seg_type, peer.sr_profile)
+
+
+def result_sends(config: NodeConfig, files: list[ResultFile], destinations: list[str]) -> list[tuple[str, str, str, str]]:
+    """(sop_uid, sop_class_uid, path, destination) for each result a destination takes: a kind it accepts,
+    written in its profile."""
+    sends = []
+    for destination in destinations:
+        peer = config.peer(destination)
+        profile = output_profile(config, destination)
+        for f in files:
+            if profile in f.profiles and (peer is None or peer.accepts is None or f.kind in peer.accepts):
+                sends.append((f.sop_uid, f.sop_class_uid, str(f.path), destination))
+    return sends
 
 
 def make_executor(config: NodeConfig, manifests: dict[str, Manifest]) -> Executor:
@@ -300,8 +318,9 @@ class NodeService:
         paths = self.store.instance_paths(job.series_uid)
         log.info("job %d: %s on series %s (%d instances)", job.id, job.pipeline, job.series_uid, len(paths))
         executor = self.executor
+        profiles = tuple(dict.fromkeys(output_profile(self.config, d) for d in job.destinations))
         try:
-            outcome = executor.submit(JobSpec(job.id, job.pipeline, tuple(paths))).result()
+            outcome = executor.submit(JobSpec(job.id, job.pipeline, tuple(paths), profiles)).result()
         except cf.process.BrokenProcessPool as exc:
             self._worker_died(executor, job.id, job.attempts, exc)
             return True
@@ -314,7 +333,7 @@ class NodeService:
             return True
         manifest = self.manifests[job.pipeline]
         files = outcome.files
-        self.store.finish_job(job.id, [(f.sop_uid, f.sop_class_uid, str(f.path)) for f in files], outcome.stages)
+        self.store.finish_job(job.id, result_sends(self.config, files, job.destinations), outcome.stages)
         log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()))
         self.audit.write("job-done", job_id=job.id, series_uid=job.series_uid, pipeline=manifest.name,
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],

@@ -170,7 +170,7 @@ def test_retention_never_removes_unfinished_work(tmp_path):
             if pipeline_state == "done":
                 store.finish_job(job.id, [], now=0)
             else:
-                store.finish_job(job.id, [("9.9." + uid, "1.2", "/r")], now=0)
+                store.finish_job(job.id, [("9.9." + uid, "1.2", "/r", "outbox")], now=0)
                 if pipeline_state == "dead-letter":
                     store.mark_send_failed(store.sends(job.id)[0].id, "down", None, now=0)
     purgeable = {s.series_uid for s in store.purgeable_series(older_than=time.time())}
@@ -191,3 +191,37 @@ rules:
     assert "input outside the validated range of ct_lung" in job.last_error
     assert "slice thickness 8 mm is outside the validated 0.5 to 5 mm" in job.last_error
     assert node.store.sends(job.id) == []
+
+
+@pytest.mark.integration
+def test_each_destination_gets_the_kinds_and_encoding_it_asks_for(start_node, tmp_path):
+    import pydicom
+
+    archive_port, viewer_port = free_port(), free_port()
+    node = start_node(peers(
+        f"{{ae_title: ARCHIVE, host: 127.0.0.1, port: {archive_port}, accepts: [seg, sr], seg_type: fractional}}",
+        f"{{ae_title: VIEWER, host: 127.0.0.1, port: {viewer_port}, accepts: [seg, sc], seg_type: binary}}",
+    ) + """
+completion: {quiet_period_s: 0.5}
+rules:
+  - {name: chest, match: {Modality: CT}, pipelines: [ct_lung], destinations: [ARCHIVE, VIEWER]}
+""")
+    archive = storescp(archive_port, "ARCHIVE", tmp_path / "archive")
+    viewer = storescp(viewer_port, "VIEWER", tmp_path / "viewer")
+    try:
+        study = phantom("profiles")
+        assert push_datasets(study.datasets, "127.0.0.1", node.port, NODE_AE, SENDER) == 40
+        wait_for(lambda: len(list((tmp_path / "archive").iterdir())) == 2 and
+                 len(list((tmp_path / "viewer").iterdir())) == 2, timeout=60, what="results at both")
+    finally:
+        for process in (archive, viewer):
+            process.terminate()
+            process.wait(timeout=10)
+    at_archive = {ds.Modality: ds for ds in map(pydicom.dcmread, (tmp_path / "archive").iterdir())}
+    at_viewer = {ds.Modality: ds for ds in map(pydicom.dcmread, (tmp_path / "viewer").iterdir())}
+    assert set(at_archive) == {"SEG", "SR"} and set(at_viewer) == {"SEG", "OT"}
+    assert at_archive["SEG"].SegmentationType == "FRACTIONAL" and at_viewer["SEG"].SegmentationType == "BINARY"
+    assert at_archive["SEG"].SOPInstanceUID != at_viewer["SEG"].SOPInstanceUID  # two encodings, two UIDs
+    referenced = at_archive["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    referenced_uids = {i.ReferencedSOPInstanceUID for s in referenced for i in s.ReferencedSOPSequence}
+    assert at_archive["SEG"].SOPInstanceUID in referenced_uids  # the archive's SR points at its own SEG

@@ -23,6 +23,7 @@ from dicom_ai_node.imaging.qc import InputRejected, input_problems
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
+from dicom_ai_node.results.kinds import result_kind_of
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import gate
 from dicom_ai_node.results.writer import file_name, write_results
@@ -54,10 +55,19 @@ def gpu_count() -> int:
 
 
 @dataclass(frozen=True)
+class OutputProfile:
+    """How one destination wants its results encoded (see config.Peer)."""
+
+    seg_type: str | None = None
+    sr_profile: str = "full"
+
+
+@dataclass(frozen=True)
 class JobSpec:
     job_id: int
     pipeline: str
     instance_paths: tuple[str, ...]
+    profiles: tuple[OutputProfile, ...] = (OutputProfile(),)  # one per distinct profile of its destinations
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class ResultFile:
     sop_class_uid: str
     path: Path
     modality: str
+    kind: str  # seg, sr, sc, pmap, heatmap_sc, gsps
+    profiles: frozenset[OutputProfile]  # the profiles this object belongs to (all, for profile-free kinds)
 
 
 @dataclass
@@ -89,15 +101,26 @@ def result_context(config: NodeConfig) -> ResultContext:
 
 def write_validated_results(
     job_id: int, volume: Volume, result: PipelineResult, manifest: Manifest, config: NodeConfig,
+    profiles: tuple[OutputProfile, ...] = (OutputProfile(),),
 ) -> list[ResultFile]:
-    """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate."""
-    datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs))
+    """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate, once
+    per output profile; an object all profiles share (same UID) is written once."""
     folder = config.job_results_dir(job_id)
-    gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
-    return [
-        ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), folder / file_name(ds), str(ds.Modality))
-        for ds in datasets
-    ]
+    files: dict[str, ResultFile] = {}
+    for profile in profiles:
+        options = {"seg_type": profile.seg_type}
+        if profile.sr_profile != "full":
+            options["sr_profile"] = profile.sr_profile
+        datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs),
+                                 **options)
+        gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            known = files.get(uid)
+            belongs = (known.profiles if known else frozenset()) | {profile}
+            files[uid] = ResultFile(uid, str(ds.SOPClassUID), folder / file_name(ds), str(ds.Modality),
+                                    result_kind_of(ds), belongs)
+    return list(files.values())
 
 
 def check_input(volume: Volume, manifest: Manifest) -> None:
@@ -133,7 +156,7 @@ class JobRunner:
         stages["load"], t = time.perf_counter() - t, time.perf_counter()
         result = pipeline.run(volume, RunContext(device=self.device))
         stages["infer"], t = time.perf_counter() - t, time.perf_counter()
-        files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config)
+        files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config, job.profiles)
         stages["write+validate"] = time.perf_counter() - t
         return JobOutcome(files, stages)
 

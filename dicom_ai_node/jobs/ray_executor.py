@@ -242,7 +242,8 @@ class RayExecutor:
                 raise
             raise error.cause from error
         t = time.perf_counter()
-        files = write_validated_results(job.job_id, volume, result, self.manifests[job.pipeline], self.config)
+        files = write_validated_results(job.job_id, volume, result, self.manifests[job.pipeline], self.config,
+                                        job.profiles)
         stages["write+validate"] = time.perf_counter() - t
         return JobOutcome(files, stages)
 

@@ -428,24 +428,21 @@ class JobStore:
         return cursor.rowcount
 
     def finish_job(
-        self, job_id: int, results: list[tuple[str, str, str]], stages: dict[str, float] | None = None,
+        self, job_id: int, sends: list[tuple[str, str, str, str]], stages: dict[str, float] | None = None,
         now: float | None = None,
     ) -> None:
-        """Record a job's results (sop_uid, sop_class_uid, path) and queue each for each of its destinations."""
+        """Record a job's results and queue them: sends are (sop_uid, sop_class_uid, path, destination)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT destinations FROM jobs WHERE id=?", (job_id,)).fetchone()
-            destinations = json.loads(row["destinations"])
-            for sop_uid, sop_class_uid, path in results:
-                for destination in destinations:
-                    db.execute(
-                        "INSERT OR IGNORE INTO sends(job_id, sop_uid, sop_class_uid, path, destination, state,"
-                        " created, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?)",
-                        (job_id, sop_uid, sop_class_uid, path, destination, "queued", now, now, now),
-                    )
+            for sop_uid, sop_class_uid, path, destination in sends:
+                db.execute(
+                    "INSERT OR IGNORE INTO sends(job_id, sop_uid, sop_class_uid, path, destination, state,"
+                    " created, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (job_id, sop_uid, sop_class_uid, path, destination, "queued", now, now, now),
+                )
             db.execute(
                 "UPDATE jobs SET state=?, lease_until=NULL, last_error='', stages=?, updated=? WHERE id=?",
-                ("sending" if results and destinations else "done", json.dumps(stages or {}), now, job_id),
+                ("sending" if sends else "done", json.dumps(stages or {}), now, job_id),
             )
 
     def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
