@@ -75,7 +75,7 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
 
     config = _config(args)
     headers: dict[str, dict] = {}
-    counts: dict[str, int] = defaultdict(int)
+    paths_of: dict[str, list[Path]] = defaultdict(list)
     files = [p for p in sorted(Path(args.folder).rglob("*")) if p.is_file()]
     for path in files:
         raw = path.read_bytes()
@@ -86,13 +86,19 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
             print(f"{path}: skipped ({exc})")
             continue
         headers.setdefault(header.series_uid, header.routing_header)
-        counts[header.series_uid] += 1
+        paths_of[header.series_uid].append(path)
     if not headers:
         print(f"{args.folder}: no readable DICOM instance")
         return 1
     for series_uid, header in headers.items():
-        print(f"series {series_uid} ({counts[series_uid]} instances, Modality {header.get('Modality', '?')}, "
+        print(f"series {series_uid} ({len(paths_of[series_uid])} instances, Modality {header.get('Modality', '?')}, "
               f"calling AE {args.calling_ae!r})")
+        if config.uses_content_labels:
+            from dicom_ai_node.service import content_header
+
+            content = content_header(paths_of[series_uid])
+            print(f"  content labels from the pixels: {content}")
+            header = {**header, **content}
         decisions = route(config.rules, header, args.calling_ae)
         for decision in decisions:
             print("  " + decision.explain().replace("\n", "\n  "))

@@ -18,7 +18,10 @@ from pydicom.datadict import tag_for_keyword
 PACKAGE_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
 OUTBOX = "outbox"  # destination name: write results to <data_dir>/outbox instead of sending them
-SPECIAL_MATCH_KEYS = {"calling_ae"}
+# Besides DICOM keywords, rules may match the calling AE and the labels the content classifier computes
+# from the pixels (dicom_ai_node.imaging.content) when a header's BodyPartExamined is missing or wrong.
+CONTENT_MATCH_KEYS = {"ContentBodyRegion", "ContentBodyRegions"}
+SPECIAL_MATCH_KEYS = {"calling_ae"} | CONTENT_MATCH_KEYS
 
 DEFAULT_RULES: list[dict[str, Any]] = [
     {
@@ -218,6 +221,11 @@ class NodeConfig(Strict):
                         f"nor {OUTBOX!r}"
                     )
         return self
+
+    @property
+    def uses_content_labels(self) -> bool:
+        """Whether any rule matches on content labels (computing them means loading the series' pixels)."""
+        return any(key in CONTENT_MATCH_KEYS for rule in self.rules for key in rule.match)
 
     def peer(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers if p.ae_title == ae_title), None)

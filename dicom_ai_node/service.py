@@ -6,6 +6,7 @@ through the job store, so a crash anywhere resumes from the last committed state
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import shutil
 import threading
@@ -28,6 +29,8 @@ from dicom_ai_node.assemble import (
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, ConfigError, NodeConfig
 from dicom_ai_node.dispatch import Dispatcher
+from dicom_ai_node.imaging.series import load_series
+from dicom_ai_node.imaging.volume import VolumeError
 from dicom_ai_node.jobs.executor import Executor, JobSpec, LocalExecutor, OutputProfile, ResultFile
 from dicom_ai_node.jobs.store import InstanceRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
@@ -180,6 +183,18 @@ def result_sends(config: NodeConfig, files: list[ResultFile], destinations: list
     return sends
 
 
+def content_header(paths: list[Path]) -> dict[str, object]:
+    """Content labels computed from the series' pixels, as header keys rules can match (see config)."""
+    from dicom_ai_node.imaging.content import classify_ct  # only nodes whose rules use content labels need it
+
+    try:
+        volume = load_series(paths)
+    except (VolumeError, OSError) as exc:
+        log.warning("content labels not computed: %s", exc)
+        return {"ContentBodyRegion": "unknown", "ContentBodyRegions": []}
+    return classify_ct(volume).as_header()
+
+
 def make_executor(config: NodeConfig, manifests: dict[str, Manifest]) -> Executor:
     if config.workers.executor == "ray":
         try:
@@ -265,6 +280,9 @@ class NodeService:
             progress = series_progress(series, instances, self.config)
             decision = series_completion(progress, now, self.completion)
             if isinstance(decision, SeriesComplete):
+                if self.config.uses_content_labels:
+                    content = content_header([Path(i.path) for i in instances])
+                    series = dataclasses.replace(series, header={**series.header, **content})
                 waiting_for = self._study_wait(series, now)
                 if waiting_for is not None:
                     continue  # complete, but a study-level rule waits for other series of the study

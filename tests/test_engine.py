@@ -225,3 +225,20 @@ rules:
     referenced = at_archive["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     referenced_uids = {i.ReferencedSOPInstanceUID for s in referenced for i in s.ReferencedSOPSequence}
     assert at_archive["SEG"].SOPInstanceUID in referenced_uids  # the archive's SR points at its own SEG
+
+
+@pytest.mark.integration
+def test_rule_on_content_labels_routes_a_series_whose_header_is_wrong(start_node):
+    node = start_node(peers() + """
+completion: {quiet_period_s: 0.5}
+rules:
+  - {name: chest-by-pixels, match: {Modality: CT, ContentBodyRegion: chest}, pipelines: [ct_lung],
+     destinations: [outbox]}
+""")
+    study = phantom("content")
+    for ds in study.datasets:
+        ds.BodyPartExamined = "HEAD"  # wrong header: only the pixels say chest
+    series_uid = str(study.datasets[0].SeriesInstanceUID)
+    assert push_datasets(study.datasets, "127.0.0.1", node.port, NODE_AE, SENDER) == 40
+    wait_for(lambda: node.store.series(series_uid).state in ("routed", "unrouted"), timeout=60, what="routing")
+    assert node.store.series(series_uid).note == "routed by chest-by-pixels"
