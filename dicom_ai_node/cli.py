@@ -62,8 +62,9 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
     for manifest in load_pipelines(_config(args)).values():
         flag = " [not for diagnostic use]" if manifest.model_card.not_for_diagnostic_use else ""
-        print(f"{manifest.name} {manifest.version}: {manifest.title}{flag}\n  accepts {', '.join(manifest.accepts.modality)}"
-              f" {', '.join(manifest.accepts.body_part)}; outputs {', '.join(manifest.outputs)}; {manifest.folder}")
+        accepts = " ".join(filter(None, [", ".join(manifest.accepts.modality), ", ".join(manifest.accepts.body_part)]))
+        print(f"{manifest.name} {manifest.version}: {manifest.title}{flag}\n  accepts {accepts}; "
+              f"outputs {', '.join(manifest.outputs)}; {manifest.folder}")
     return 0
 
 
