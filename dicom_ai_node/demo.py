@@ -58,7 +58,8 @@ def run_demo(config: NodeConfig, host: str = "127.0.0.1", wait_s: float = 600.0)
     if not config.db_path.exists():
         print(f"cannot follow progress: no state database at {config.db_path} (pass the node's --config/--data-dir)")
         return 0
-    print(f"waiting for the series to complete (quiet period {config.completion.quiet_period_s:g} s) and run...")
+    print("waiting for the series to complete (a few seconds after the association is released, at most "
+          f"the {config.completion.quiet_period_s:g} s quiet period) and for the results...")
     return _follow(JobStore(config.db_path), config, series_uid, wait_s)
 
 
