@@ -242,3 +242,28 @@ rules:
     assert push_datasets(study.datasets, "127.0.0.1", node.port, NODE_AE, SENDER) == 40
     wait_for(lambda: node.store.series(series_uid).state in ("routed", "unrouted"), timeout=60, what="routing")
     assert node.store.series(series_uid).note == "routed by chest-by-pixels"
+
+
+@pytest.mark.integration
+def test_viewer_destination_gets_an_sr_whose_every_group_has_image_coordinates(start_node, tmp_path):
+    import pydicom
+
+    from dicom_ai_node.results.validate import groups_without_coordinates
+
+    port = free_port()
+    node = start_node(peers(f"{{ae_title: VIEWER, host: 127.0.0.1, port: {port}, accepts: [seg, sr],"
+                            f" seg_type: binary, sr_profile: viewer}}") + """
+completion: {quiet_period_s: 0.5}
+rules:
+  - {name: chest, match: {Modality: CT}, pipelines: [ct_lung], destinations: [VIEWER]}
+""")
+    viewer = storescp(port, "VIEWER", tmp_path / "viewer")
+    try:
+        study = phantom("viewer-profile")
+        assert push_datasets(study.datasets, "127.0.0.1", node.port, NODE_AE, SENDER) == 40
+        wait_for(lambda: len(list((tmp_path / "viewer").iterdir())) == 2, timeout=60, what="SEG + SR at the viewer")
+    finally:
+        viewer.terminate()
+        viewer.wait(timeout=10)
+    [sr] = [ds for ds in map(pydicom.dcmread, (tmp_path / "viewer").iterdir()) if ds.Modality == "SR"]
+    assert groups_without_coordinates(sr) == []

@@ -2,19 +2,25 @@
 Chromium (software WebGL) reads them over DICOMweb from a real Orthanc with its DICOMweb plugin.
 
 The node's own code (JobRunner: ct_lung, the result writers and the validation gate) makes SEG, TID 1500 SR
-and key-image SC for a chest phantom; they are uploaded to Orthanc with the source CT, and OHIF is opened on
-each result series (viewer?StudyInstanceUIDs=...&initialSeriesInstanceUID=...). What OHIF 3.13 does:
+in both profiles ("full" and "viewer", as for two destinations) and key-image SC for a chest phantom, and its
+Parametric Map writer a map of a synthetic heatmap (ct_lung has none); they are uploaded to Orthanc with the
+source CT, and OHIF is opened on each result series (viewer?StudyInstanceUIDs=...&initialSeriesInstanceUID=...).
+What OHIF 3.13 does:
 
   - SEG (BINARY): shown as an overlay on the CT; once loaded, the segmentation panel lists "Right lung" and
     "Left lung" in the colours of RecommendedDisplayCIELabValue, and the overlay is drawn in those colours
     (checked on the canvas pixels, right lung on the viewer's left).
   - SC: displayed (colour pixels on the canvas).
-  - SR as the node writes it (TID 1411 volumetric groups referencing SEG segments + a TID 1501 series-level
+  - SR of the "full" profile (TID 1411 volumetric groups referencing SEG segments + a TID 1501 series-level
     group, none with image coordinates): OHIF's SR viewport crashes (TypeError reading
     'ReferencedSOPSequence' of coords[0] in _checkIfCanAddMeasurementsToDisplaySet) and shows nothing. One
     group without SCOORD is enough, even next to planar groups.
-  - SR re-laid out as TID 1410 planar ROI groups with an SCOORD POLYLINE on the key slice
-    (tests/ohif/viewer_sr.py): the outlines and their measurement labels are drawn.
+  - SR of the "viewer" profile (every group a TID 1410 planar ROI with an SCOORD POLYLINE; see
+    dicom_ai_node/results/sr_viewer.py): OHIF opens it on the first group's image and draws every outline
+    there with its measurement labels; the viewport's arrows step to each other group's image, where its
+    outline and labels are drawn too. Labels of groups on one image can overlap (OHIF puts each at the right
+    end of its region, half-way down): the outline of both lungs and the left lung share that spot.
+  - Parametric Map: fused over the CT in a colour map, the heatmap's peak where it is in the source.
 
 Needs chromium, Orthanc's DICOMweb plugin, node, and the OHIF dist + playwright-core installed by
 tests/ohif/setup.sh into $OHIF_DIR (default .ohif/ at the repository root). Skipped when one is missing,
@@ -38,12 +44,14 @@ import pytest
 from PIL import Image
 
 from conftest import ORTHANC_BIN, Orthanc, free_port, node_config
-from dicom_ai_node.jobs.executor import JobRunner, JobSpec
-from dicom_ai_node.phantom import make_chest_phantom
-from dicom_ai_node.pipeline import discover
+from dicom_ai_node.imaging import load_series
+from dicom_ai_node.jobs.executor import JobOutcome, JobRunner, JobSpec, OutputProfile, ResultFile, result_context
+from dicom_ai_node.phantom import ChestPhantom, make_chest_phantom
+from dicom_ai_node.pipeline import Concept, Detection, Heatmap, Measurement, PipelineResult, Segment, discover
+from dicom_ai_node.results.validate import gate
+from dicom_ai_node.results.writer import save, write_results
 
 from ohif.server import OhifServer
-from ohif.viewer_sr import key_slice_uid, planar_viewer_sr
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "ohif"
@@ -59,10 +67,14 @@ DICOMWEB_PLUGINS = [os.environ.get("ORTHANC_DICOMWEB_PLUGIN", ""), "/usr/share/o
 DICOMWEB_PLUGIN = next((p for p in DICOMWEB_PLUGINS if p and Path(p).is_file()), None)
 CHECK_TIMEOUT_S = 240  # one browser session; its waits time out after 60 s each
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and the multi-frame SC classes
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
+FULL, VIEWER = OutputProfile(), OutputProfile(sr_profile="viewer")
+PROBABILITY = Concept("{probability}", "UCUM", "probability")
+ANATOMICAL_STRUCTURE = Concept("123037004", "SCT", "Anatomical Structure")
+RIGHT_LUNG = Concept("3341006", "SCT", "Right lung")
+NODULE = Concept("427359005", "SCT", "Solitary nodule of lung")
+VOLUME = Concept("118565006", "SCT", "Volume")
+MILLILITER = Concept("mL", "UCUM", "milliliter")
+IMAGE_REGION, MEASUREMENT_GROUP, IMAGING_MEASUREMENTS = "111030", "125007", "126010"
 
 pytestmark = pytest.mark.integration
 
@@ -127,45 +139,83 @@ def dicomweb_orthanc(ohif_tools, tmp_path_factory) -> Iterator[Orthanc]:
 class Study:
     study_uid: str
     sources: list[pydicom.Dataset]
-    results: dict[str, pydicom.Dataset]  # SOPClassUID -> the node's result object
-    planar_sr: pydicom.Dataset
-    series: dict[str, str] = field(default_factory=dict)  # "seg", "sr", "sc", "pm", "planar_sr" -> SeriesInstanceUID
+    seg: pydicom.Dataset
+    sr: pydicom.Dataset  # ct_lung's, "full" profile
+    viewer_sr: pydicom.Dataset  # ct_lung's, "viewer" profile
+    spread_sr: pydicom.Dataset  # "viewer" profile of a synthetic result with groups on three slices
+    pm: pydicom.Dataset  # Parametric Map of the synthetic result's heatmap
+    series: dict[str, str] = field(default_factory=dict)  # name above (and "sc") -> SeriesInstanceUID
+
+
+def written(outcome: JobOutcome, kind: str, profile: OutputProfile) -> ResultFile:
+    """The one result file of `kind` that a destination with `profile` receives."""
+    (found,) = [f for f in outcome.files if f.kind == kind and profile in f.profiles]
+    return found
+
+
+def blob(shape: tuple[int, ...], centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:
+    grids = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii))
+
+
+def synthetic_result(phantom: ChestPhantom) -> PipelineResult:
+    """What ct_lung does not make: groups on three slices (the right lung where it is largest, a ring-shaped
+    nodule in it near the top, a detected nodule in the left lung near the bottom) and a heatmap over the right
+    lung (the viewer's left), peaking on the middle slice."""
+    slices, rows, columns = phantom.hu.shape
+    ring_slice, box_slice = slices // 4, slices * 3 // 4
+    r, c = (float(v.mean()) for v in np.nonzero(phantom.right_lung[ring_slice]))
+    ring = np.zeros(phantom.hu.shape, dtype=bool)
+    ring[ring_slice] = (blob((rows, columns), (r, c), (6, 6)) <= 1) & (blob((rows, columns), (r, c), (3, 3)) > 1)
+    r, c = (int(v.mean()) for v in np.nonzero(phantom.left_lung[box_slice]))
+    heat = np.exp(-blob(phantom.hu.shape, (slices / 2, rows / 2, columns * 0.3),
+                        (slices / 4, rows / 8, columns / 10)) / 2)
+    ml = phantom.voxel_volume_ml
+    return PipelineResult(
+        segments=[Segment(1, "Right lung", ANATOMICAL_STRUCTURE, RIGHT_LUNG, phantom.right_lung),
+                  Segment(2, "Ring nodule", ANATOMICAL_STRUCTURE, NODULE, ring)],
+        measurements=[Measurement(VOLUME, phantom.right_lung_ml, MILLILITER, segment_number=1),
+                      Measurement(VOLUME, float(ring.sum()) * ml, MILLILITER, segment_number=2)],
+        detections=[Detection("Nodule", NODULE, box_slice, probability=0.7, box=(r - 4, c - 4, r + 4, c + 4))],
+        # Zero where faint, so that OHIF's colour map leaves the CT grey there.
+        heatmaps=[Heatmap("Synthetic heatmap", np.where(heat < 0.05, 0.0, heat).astype(np.float32), PROBABILITY)],
+    )
 
 
 @pytest.fixture(scope="module")
 def study(dicomweb_orthanc, tmp_path_factory) -> Study:
-    """The chest phantom and the node's real results for it (in-process JobRunner), all stored in Orthanc."""
+    """The chest phantom and the node's real results for it, all stored in Orthanc: ct_lung's through the
+    in-process JobRunner, and the result writers' for a synthetic result (groups on several slices, a heatmap)."""
     folder = tmp_path_factory.mktemp("ohif-study")
     # Inside ct_lung's accepted input (pixel spacing <= 2 mm, slices >= 20), small enough to run in seconds.
     phantom = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=2.0, slice_thickness_mm=5.0, uid_seed="ohif-viewer")
     paths = phantom.write(folder / "source")
     runner = JobRunner(node_config(folder / "node", free_port()), discover([REPO / "pipelines"]), "cpu")
-    outcome = runner.run(JobSpec(1, "ct_lung", tuple(str(p) for p in paths)))
-    results = {f.sop_class_uid: pydicom.dcmread(f.path) for f in outcome.files}
-    sources = [pydicom.dcmread(p) for p in paths]
-    seg = results[SEGMENTATION_STORAGE]
-    assert str(seg.SegmentationType) == "BINARY", "OHIF 3.13 does not display FRACTIONAL SEG"
-    [sr] = [ds for uid, ds in results.items() if uid in SR_CLASSES]
-    planar = planar_viewer_sr(sr, seg, sources)
-    planar_path = folder / "planar-sr.dcm"
-    planar.save_as(planar_path, enforce_file_format=True)
-    for path in [*paths, *(f.path for f in outcome.files), planar_path]:
+    # Two destinations' profiles, as when the node serves a PACS and an OHIF: one SEG and SC, an SR of each.
+    outcome = runner.run(JobSpec(1, "ct_lung", tuple(str(p) for p in paths), profiles=(FULL, VIEWER)))
+    files = {"seg": written(outcome, "seg", FULL), "sr": written(outcome, "sr", FULL),
+             "viewer_sr": written(outcome, "sr", VIEWER), "sc": written(outcome, "sc", FULL)}
+    assert files["seg"] == written(outcome, "seg", VIEWER) and files["sr"] != files["viewer_sr"]
+    read = {name: pydicom.dcmread(f.path) for name, f in files.items()}
+    assert str(read["seg"].SegmentationType) == "BINARY", "OHIF 3.13 does not display FRACTIONAL SEG"
+    # Another version of the pipeline as far as UIDs go: these objects must not replace ct_lung's.
+    volume = load_series(paths)
+    manifest = runner.manifests["ct_lung"]
+    synthetic = manifest.model_copy(update={"version": f"{manifest.version}+synthetic"})
+    objects = write_results(volume, synthetic_result(phantom), synthetic, result_context(runner.config),
+                            ("seg", "sr", "pmap"), sr_profile="viewer")
+    gate(objects, volume.sources, synthetic, folder / "synthetic", sr_profile="viewer")
+    spread_seg, spread_sr, pm = objects
+    for path in [*paths, *(f.path for f in files.values()), *(save(ds, folder / "synthetic") for ds in objects)]:
         dicomweb_orthanc.upload(Path(path))
-    found = Study(str(sources[0].StudyInstanceUID), sources, results, planar)
-    for uid, ds in results.items():
-        if uid == SEGMENTATION_STORAGE:
-            found.series["seg"] = str(ds.SeriesInstanceUID)
-        elif uid in SR_CLASSES:
-            found.series["sr"] = str(ds.SeriesInstanceUID)
-        elif uid == PARAMETRIC_MAP_STORAGE:
-            found.series["pm"] = str(ds.SeriesInstanceUID)
-        elif uid.startswith(SECONDARY_CAPTURE_PREFIX):
-            found.series["sc"] = str(ds.SeriesInstanceUID)
-    found.series["planar_sr"] = str(planar.SeriesInstanceUID)
+    found = Study(str(volume.sources[0].StudyInstanceUID), list(volume.sources), read["seg"], read["sr"],
+                  read["viewer_sr"], spread_sr, pm)
+    found.series = {name: str(ds.SeriesInstanceUID)
+                    for name, ds in (*read.items(), ("spread_sr", spread_sr), ("pm", pm))}
     # Orthanc's DICOMweb answers for every series (what OHIF's study browser asks first).
     qido = dicomweb_orthanc.request("GET", f"/dicom-web/studies/{found.study_uid}/series")
     listed = {s["0020000E"]["Value"][0] for s in qido}
-    assert set(found.series.values()) <= listed
+    assert set(found.series.values()) | {str(spread_seg.SeriesInstanceUID)} <= listed
     return found
 
 
@@ -237,25 +287,31 @@ def parse_labels(lines: list[str]) -> list[tuple[str, float, str]]:
     return parsed
 
 
-def sr_numbers(sr: pydicom.Dataset) -> list[tuple[str, float, str]]:
-    """(concept meaning, value, UCUM code) of every NUM item of an SR, in document order."""
-    found = []
+def code(item: pydicom.Dataset) -> str:
+    return item.ConceptNameCodeSequence[0].CodeValue
 
-    def walk(items):
-        for item in items:
-            if item.ValueType == "NUM" and item.get("MeasuredValueSequence"):
-                value = item.MeasuredValueSequence[0]
-                found.append((item.ConceptNameCodeSequence[0].CodeMeaning, float(value.NumericValue),
-                              value.MeasurementUnitsCodeSequence[0].CodeValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
 
-    walk(sr.ContentSequence)
-    return found
+def measurement_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    return [group for item in sr.ContentSequence if code(item) == IMAGING_MEASUREMENTS
+            for group in item.ContentSequence if code(group) == MEASUREMENT_GROUP]
+
+
+def group_numbers(group: pydicom.Dataset) -> list[tuple[str, float, str]]:
+    """(concept meaning, value, UCUM code) of the group's own NUM items (what OHIF labels), in order."""
+    return [(item.ConceptNameCodeSequence[0].CodeMeaning, float(item.MeasuredValueSequence[0].NumericValue),
+             item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for item in group.ContentSequence if item.ValueType == "NUM" and item.get("MeasuredValueSequence")]
+
+
+def group_image(group: pydicom.Dataset, sources: list[pydicom.Dataset]) -> pydicom.Dataset:
+    """The source image a group's Image Region is SELECTED FROM."""
+    (region,) = [item for item in group.ContentSequence if code(item) == IMAGE_REGION]
+    uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return next(ds for ds in sources if ds.SOPInstanceUID == uid)
 
 
 def test_seg_opens_as_overlay_with_segment_names_and_colours(study, show):
-    seg = study.results[SEGMENTATION_STORAGE]
+    seg = study.seg
     segments = {str(s.SegmentLabel): display_rgb(s) for s in seg.SegmentSequence}
     assert list(segments) == ["Right lung", "Left lung"]
     result = show("seg", study.series["seg"], "seg", segments=list(segments))
@@ -295,48 +351,75 @@ def test_secondary_capture_displays(study, show):
     assert (pixels.max(axis=2) > 16).mean() > 0.2, f"canvas mostly black: {canvas}"
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"canvas nearly uniform: {canvas}"
     # The key image is drawn in colour: the segment outlines and legend of the SC are on the canvas.
-    seg = study.results[SEGMENTATION_STORAGE]
-    for segment in seg.SegmentSequence:
+    for segment in study.seg.SegmentSequence:
         assert tinted(canvas, display_rgb(segment)).sum() > 100, f"{segment.SegmentLabel} colour not on {canvas}"
 
 
-def test_parametric_map_displays(study, show):
-    if "pm" not in study.series:
-        pytest.skip("the node's ct_lung pipeline writes no Parametric Map (heatmaps) to display")
+def test_parametric_map_displays_over_the_ct(study, show):
+    """OHIF 3.13 fuses the node's Parametric Map over its CT in a colour map: the heatmap's peak, over the
+    right lung, is drawn in the map's top colour on the viewer's left; the left lung stays grey."""
     result = show("image", study.series["pm"], "pm")
     assert result["failures"] == [], explain(result)
-    grey = np.asarray(Image.open(result["canvas"]).convert("L"))
-    assert len(np.unique(grey)) > 10, result["canvas"]
+    canvas = Path(result["canvas"])
+    pixels = np.asarray(Image.open(canvas).convert("RGB"), dtype=int)
+    width = pixels.shape[1]
+    coloured = np.nonzero(pixels.max(axis=2) - pixels.min(axis=2) > 80)[1]
+    assert coloured.size > 2000 and np.mean(coloured > 0.6 * width) < 0.01, canvas
+    # The map's top colour (red) is centred where the heatmap peaks: the image fits the canvas, centred.
+    rows, columns = study.sources[0].Rows, study.sources[0].Columns
+    scale = min(width / columns, pixels.shape[0] / rows)
+    peak_rows, peak_columns = np.nonzero(pixels[..., 0] - np.maximum(pixels[..., 1], pixels[..., 2]) > 80)
+    assert peak_columns.size > 1000, canvas
+    column = (peak_columns.mean() - (width - columns * scale) / 2) / scale
+    row = (peak_rows.mean() - (pixels.shape[0] - rows * scale) / 2) / scale
+    assert abs(column - (columns * 0.3 + 0.5)) < 2 and abs(row - (rows / 2 + 0.5)) < 2, (row, column, canvas)
+    assert len(np.unique(pixels.mean(axis=2).astype(int))) > 30, f"no CT image under the map: {canvas}"
 
 
-def test_node_sr_crashes_ohif_sr_viewport(study, show):
-    """What OHIF 3.13 does with the SR as the node writes it: crashes, draws nothing.
+def test_full_sr_crashes_ohif_sr_viewport(study, show):
+    """What OHIF 3.13 does with the SR of the "full" profile: crashes, draws nothing.
 
-    Every measurement group of the node's SR lacks image coordinates (TID 1411 groups reference SEG segments,
-    the TID 1501 group names only a source image); OHIF's SR viewport reads coords[0].ReferencedSOPSequence of
-    each group and throws. When this test fails because OHIF draws the measurements, make it a positive test.
+    Its TID 1411 groups reference SEG segments and its TID 1501 group names only a source image: no group has
+    image coordinates, and OHIF's SR viewport reads coords[0].ReferencedSOPSequence of each group and throws.
+    When this test fails because OHIF draws the measurements, make it a positive test.
     """
-    sr_series = study.series["sr"]
-    names = [name for name, _, _ in sr_numbers(study.results[next(u for u in study.results if u in SR_CLASSES)])]
-    result = show("sr", sr_series, "sr-node", texts=[f"{names[0]}:"], timeoutMs=30000)
+    names = [name for group in measurement_groups(study.sr) for name, _, _ in group_numbers(group)]
+    result = show("sr", study.series["sr"], "sr-full", steps=[{"texts": [f"{names[0]}:"]}], timeoutMs=30000)
     assert result["outcome"] == "error boundary", explain(result)
     assert any("ReferencedSOPSequence" in e for e in result["consoleErrors"]), explain(result)
     assert result["svgTexts"] == [] and result["svgShapes"] == 0
 
 
-def test_planar_sr_layout_is_drawn(study, show):
-    """The layout a viewer SR profile needs (tests/ohif/viewer_sr.py): planar groups with SCOORD outlines on
-    the key slice; OHIF draws each outline with its measurements as labels, with the node's values."""
-    expected = sr_numbers(study.planar_sr)
-    assert len(expected) >= 2
-    result = show("sr", study.series["planar_sr"], "sr-planar", texts=[f"{name}:" for name, _, _ in expected])
+def drawn_group_by_group(study, show, sr: pydicom.Dataset, series: str, name: str) -> list[pydicom.Dataset]:
+    """Open a viewer-profile SR in OHIF and step through its groups; each must be shown on its own image, with
+    its outline and the node's values as labels. Returns the groups' images."""
+    groups = measurement_groups(sr)
+    images = [group_image(group, study.sources) for group in groups]
+    steps = [{"texts": [f"{label}:" for label, _, _ in group_numbers(group)],
+              "slice": f"I:{int(image.InstanceNumber)} "} for group, image in zip(groups, images)]
+    result = show("sr", series, name, steps=steps)
     assert result["failures"] == [] and result["outcome"] == "drawn", explain(result)
-    shown = parse_labels(result["svgTexts"])
-    for name, value, unit in expected:
-        assert any(n == name and u == unit and abs(v - value) <= 0.006 for n, v, u in shown), \
-            f"{name} = {value:.2f} {unit} not among {shown}"
-    assert result["svgShapes"] >= 2, explain(result)
-    # OHIF opens the SR on the image its ROIs are on: the key slice the node's SR names.
-    node_sr = hd.sr.Comprehensive3DSR.from_dataset(study.results[next(u for u in study.results if u in SR_CLASSES)])
-    key = next(ds for ds in study.sources if ds.SOPInstanceUID == key_slice_uid(node_sr))
-    assert result["sliceLabel"].startswith(f"I:{int(key.InstanceNumber)} "), explain(result)
+    assert len(result["steps"]) == len(groups), explain(result)
+    for number, (group, image, shown) in enumerate(zip(groups, images, result["steps"]), start=1):
+        assert shown["sliceLabel"].startswith(f"I:{int(image.InstanceNumber)} "), (number, explain(result))
+        on_image = sum(1 for other in images if other.SOPInstanceUID == image.SOPInstanceUID)
+        assert shown["svgShapes"] >= on_image, (number, explain(result))
+        labels = parse_labels(shown["svgTexts"])
+        for label, value, unit in group_numbers(group):
+            assert any(n == label and u == unit and abs(v - value) <= 0.006 for n, v, u in labels), \
+                f"group {number}: {label} = {value:.2f} {unit} not among {labels}"
+    return images
+
+
+def test_viewer_sr_is_drawn(study, show):
+    """ct_lung's "viewer" SR: each lung's outline and the outline of both, with their values, on the key slice
+    (both lungs are largest there), which OHIF opens."""
+    images = drawn_group_by_group(study, show, study.viewer_sr, study.series["viewer_sr"], "sr-viewer")
+    assert len(images) == 3 and len({ds.SOPInstanceUID for ds in images}) == 1  # right, left, both lungs
+
+
+def test_viewer_sr_steps_to_each_groups_slice(study, show):
+    """A viewer SR whose groups lie on three slices: OHIF opens the first group's and its arrows step to each
+    other group's slice, where that group is drawn (a segment on its largest slice, a detection on its own)."""
+    images = drawn_group_by_group(study, show, study.spread_sr, study.series["spread_sr"], "sr-viewer-slices")
+    assert len({ds.SOPInstanceUID for ds in images}) == 3

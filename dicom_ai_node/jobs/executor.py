@@ -108,12 +108,10 @@ def write_validated_results(
     folder = config.job_results_dir(job_id)
     files: dict[str, ResultFile] = {}
     for profile in profiles:
-        options = {"seg_type": profile.seg_type}
-        if profile.sr_profile != "full":
-            options["sr_profile"] = profile.sr_profile
         datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs),
-                                 **options)
-        gate(datasets, volume.sources, manifest, folder)  # saves each object, then checks it (dciodvfy too)
+                                 seg_type=profile.seg_type, sr_profile=profile.sr_profile)
+        # Saves each object, then checks it (dciodvfy too, and the viewer layout for a viewer SR).
+        gate(datasets, volume.sources, manifest, folder, sr_profile=profile.sr_profile)
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             known = files.get(uid)

@@ -1,6 +1,7 @@
 """PipelineResult measurements and findings -> a TID 1500 Measurement Report (Comprehensive 3D SR).
 
-Layout, in this order:
+This is the "full" SR profile; sr_viewer.py lays the same result out for viewers that draw only groups with
+image coordinates (the "viewer" profile), from the parts defined here. Layout, in this order:
 
 - one TID 1411 volumetric group per segment that has measurements or findings, referencing the segment in
   the SEG (and sharing its TrackingUID);
@@ -16,6 +17,7 @@ reviewed it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -52,6 +54,21 @@ PROCEDURES_BY_MODALITY = {
     "DX": codes.LN.XRUnspecifiedBodyRegion,
 }
 PROBABILITY_UNIT = Code("1", "UCUM", "no units")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One SR profile's place among the results: its UID kinds and what its SeriesDescription calls it."""
+
+    series_uid_kind: str
+    instance_uid_kind: str
+    description: str
+
+
+# Both layouts share the SR series number (it names the result kind, see kinds.py) but not their series:
+# a destination that takes both sees two SR series, told apart by their descriptions.
+FULL_LAYOUT = Layout("sr-series", "sr", "SR")
+
 Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -83,7 +100,10 @@ def observation_context(manifest: Manifest, ctx: ResultContext) -> hd.sr.Observa
     )
 
 
-def measurement(m: Measurement) -> hd.sr.Measurement:
+def measurement(
+    m: Measurement, sources: Sequence[hd.sr.SourceImageForMeasurement] | None = None
+) -> hd.sr.Measurement:
+    """TID 300 measurement of `m`, INFERRED FROM `sources` when given."""
     if m.unit.scheme != "UCUM":
         raise ValueError(f"measurement {m.name.meaning!r}: unit scheme {m.unit.scheme!r} is not UCUM")
     return hd.sr.Measurement(
@@ -91,19 +111,27 @@ def measurement(m: Measurement) -> hd.sr.Measurement:
         value=float(m.value),
         unit=coded(m.unit),
         method=coded(m.method) if m.method else None,
+        referenced_images=sources,
     )
 
 
-def qualitative_evaluation(finding: Finding) -> hd.sr.QualitativeEvaluation:
-    """A coded finding; its probability hangs off the CODE item as a HAS PROPERTIES NUM."""
+def finding_probability(finding: Finding) -> float | None:
+    """The finding's probability, checked to lie in [0, 1]."""
+    if finding.probability is not None and not 0.0 <= finding.probability <= 1.0:
+        raise ValueError(f"finding {finding.value.meaning!r}: probability {finding.probability} is not in [0, 1]")
+    return finding.probability
+
+
+def qualitative_evaluation(finding: Finding, with_probability: bool = True) -> hd.sr.QualitativeEvaluation:
+    """A coded finding; its probability (unless left to the caller) hangs off the CODE item as a HAS PROPERTIES
+    NUM."""
     evaluation = hd.sr.QualitativeEvaluation(name=coded(finding.name), value=coded(finding.value))
-    if finding.probability is not None:
-        if not 0.0 <= finding.probability <= 1.0:
-            raise ValueError(f"finding {finding.value.meaning!r}: probability {finding.probability} is not in [0, 1]")
+    probability = finding_probability(finding)
+    if with_probability and probability is not None:
         evaluation[0].ContentSequence = hd.sr.ContentSequence([
             hd.sr.NumContentItem(
                 name=codes.DCM.Probability,
-                value=float(finding.probability),
+                value=float(probability),
                 unit=PROBABILITY_UNIT,
                 relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
             )
@@ -117,6 +145,25 @@ def probability_measurement(probability: float) -> hd.sr.Measurement:
 
 def algorithm_id(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
+
+
+def finding_sites(segment: Segment) -> list[hd.sr.FindingSite] | None:
+    if segment.anatomic_region is None:
+        return None
+    laterality = coded(segment.laterality) if segment.laterality else None
+    return [hd.sr.FindingSite(coded(segment.anatomic_region), laterality=laterality)]
+
+
+def finding_tracking_uid(volume: Volume, manifest: Manifest, ctx: ResultContext, number: int) -> str:
+    """TrackingUID of the group of finding `number` (1-based among the findings of no segment)."""
+    return derive_result_uid(
+        ctx.org_root, source_series_uid(volume), manifest.name, manifest.version, "finding-tracking", number
+    )
+
+
+def of_segment(items: Sequence[Measurement | Finding], number: int | None) -> list:
+    """The measurements or findings of segment `number` (None: of no segment), in order."""
+    return [item for item in items if item.segment_number == number]
 
 
 def segment_group(
@@ -141,12 +188,7 @@ def segment_group(
         ),
         finding_type=coded(segment.type),
         finding_category=coded(segment.category),
-        finding_sites=(
-            [hd.sr.FindingSite(coded(segment.anatomic_region),
-                               laterality=coded(segment.laterality) if segment.laterality else None)]
-            if segment.anatomic_region
-            else None
-        ),
+        finding_sites=finding_sites(segment),
         algorithm_id=algorithm_id(manifest),
         measurements=[measurement(m) for m in measurements] or None,
         qualitative_evaluations=[qualitative_evaluation(f) for f in findings] or None,
@@ -187,10 +229,7 @@ def finding_group(
     """TID 1501 group of finding `number` (1-based among those of no segment): a tracked classification."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_result_uid(
-                ctx.org_root, source_series_uid(volume), manifest.name, manifest.version, "finding-tracking", number
-            ),
-            identifier=finding.value.meaning[:LO_MAX],
+            uid=finding_tracking_uid(volume, manifest, ctx, number), identifier=finding.value.meaning[:LO_MAX]
         ),
         algorithm_id=algorithm_id(manifest),
         qualitative_evaluations=[qualitative_evaluation(finding)],
@@ -217,9 +256,9 @@ def detection_group(
     )
 
 
-def measurement_groups(
-    volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
-) -> list[Group]:
+def checked_segments(volume: Volume, result: PipelineResult, seg: Dataset | None) -> list[Segment]:
+    """The result's segments in order, once every measurement and finding names one of them (or none) and
+    their SEG is at hand for the report to reference."""
     segments = sorted_segments(result, volume)
     numbers = {s.number for s in segments}
     for item in (*result.measurements, *result.findings):
@@ -227,16 +266,22 @@ def measurement_groups(
             raise ValueError(f"{item.name.meaning!r} refers to segment {item.segment_number}, which does not exist")
     if segments and seg is None:
         raise ValueError("the result has segments: the SR must reference their SEG, so pass it")
+    return segments
+
+
+def measurement_groups(
+    volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
+) -> list[Group]:
+    segments = checked_segments(volume, result, seg)
     groups: list[Group] = []
     for segment in segments:
-        ms = [m for m in result.measurements if m.segment_number == segment.number]
-        fs = [f for f in result.findings if f.segment_number == segment.number]
+        ms, fs = of_segment(result.measurements, segment.number), of_segment(result.findings, segment.number)
         if ms or fs:
             groups.append(segment_group(segment, ms, fs, volume, manifest, ctx, seg))
-    ms = [m for m in result.measurements if m.segment_number is None]
+    ms = of_segment(result.measurements, None)
     if ms:
         groups.append(series_group(ms, volume, result, manifest, ctx))
-    fs = [f for f in result.findings if f.segment_number is None]
+    fs = of_segment(result.findings, None)
     groups += [finding_group(f, number, volume, result, manifest, ctx) for number, f in enumerate(fs, start=1)]
     groups += [detection_group(region, volume, manifest) for region in detection_regions(volume, result, manifest, ctx)]
     return groups
@@ -250,7 +295,21 @@ def has_report_content(result: PipelineResult) -> bool:
 def build_sr(
     volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, seg: Dataset | None
 ) -> Dataset:
-    """The TID 1500 report of `result`; `seg` is the SEG of its segments (None only when there are none).
+    """The TID 1500 report of `result`; `seg` is the SEG of its segments (None only when there are none)."""
+    return report_document(volume, result, measurement_groups(volume, result, manifest, ctx, seg), manifest, ctx,
+                           seg, FULL_LAYOUT)
+
+
+def report_document(
+    volume: Volume,
+    result: PipelineResult,
+    groups: Sequence[Group],
+    manifest: Manifest,
+    ctx: ResultContext,
+    seg: Dataset | None,
+    layout: Layout,
+) -> Dataset:
+    """The Comprehensive 3D SR holding `groups`, in the series and under the UIDs of `layout`.
 
     Its SOPInstanceUID follows the SEG's encoding, as the SEG's own does: the report names that SEG.
     """
@@ -263,7 +322,7 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(manifest, ctx),
         procedure_reported=procedure_reported(source),
-        imaging_measurements=measurement_groups(volume, result, manifest, ctx, seg),
+        imaging_measurements=list(groups),
         title=codes.cid7021.ImagingMeasurementReport,
     )
     with no_person_name_warnings():
@@ -272,20 +331,20 @@ def build_sr(
             evidence=[*volume.sources, *([seg] if seg is not None else [])],
             content=report[0],
             series_instance_uid=derive_result_uid(
-                ctx.org_root, series_uid, manifest.name, manifest.version, "sr-series"
+                ctx.org_root, series_uid, manifest.name, manifest.version, layout.series_uid_kind
             ),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=derive_result_uid(
-                ctx.org_root, series_uid, manifest.name, manifest.version, "sr", part=encoding_uid_part(seg)
+                ctx.org_root, series_uid, manifest.name, manifest.version, layout.instance_uid_kind,
+                part=encoding_uid_part(seg),
             ),
             instance_number=1,
             is_complete=False,
             is_final=False,
             is_verified=False,
-            series_description=series_description(manifest, "SR"),
+            series_description=series_description(manifest, layout.description),
             **equipment_kwargs(manifest, ctx),
         )
     copy_patient_study(sr, source)
     add_provenance(sr, manifest, ctx)
     return sr
-

@@ -10,6 +10,7 @@ Kinds (the `kind` argument of `derive_result_uid`):
 
 - ``seg-series``, ``seg``: SeriesInstanceUID / SOPInstanceUID of the Segmentation
 - ``sr-series``, ``sr``: the same for the TID 1500 Comprehensive 3D SR
+- ``sr-viewer-series``, ``sr-viewer``: the same for the TID 1500 SR of the "viewer" profile (sr_viewer.py)
 - ``sc-series``, ``sc``: the same for the key-image Secondary Capture
 - ``pmap-series``, ``pmap``: the same for the Parametric Maps of heatmaps; `index` is the heatmap's position
 - ``heatmap-sc-series``, ``heatmap-sc``: the same for the heatmap Secondary Captures; `index` as for pmap
@@ -32,7 +33,7 @@ import re
 from pydicom.uid import UID, generate_uid
 
 RESULT_UID_KINDS = frozenset({
-    "seg-series", "seg", "sr-series", "sr", "sc-series", "sc", "pmap-series", "pmap",
+    "seg-series", "seg", "sr-series", "sr", "sr-viewer-series", "sr-viewer", "sc-series", "sc", "pmap-series", "pmap",
     "heatmap-sc-series", "heatmap-sc", "gsps-series", "gsps", "tracking", "finding-tracking", "detection-tracking",
 })
 

@@ -21,6 +21,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -40,6 +41,7 @@ KINDS_BY_CLASSES = (("SEG", SEG_CLASSES), ("SR", SR_CLASSES), ("SC", SC_CLASSES)
 SOURCE_IMAGE_FOR_PROCESSING = "121322"
 OBSERVER_TYPE, DEVICE, DEVICE_OBSERVER_UID = "121005", "121007", "121012"
 REFERENCED_SEGMENT = "121191"
+IMAGING_MEASUREMENTS, MEASUREMENT_GROUP = "126010", "125007"
 DCIODVFY_TIMEOUT_S = 120
 # dicom3tools 2022 predates Label Map Segmentation (2024). In a label map it finds no IOD and takes the
 # background segment 0 for a numbering error; in an SR referencing one it refuses the segment number of a
@@ -320,7 +322,29 @@ def seg_content_problems(ds: Dataset, source: Dataset) -> list[str]:
     return problems
 
 
+def segment_numbers_named(ref: Dataset) -> list[int]:
+    """The ReferencedSegmentNumber values of one ReferencedSOPSequence item (none: [])."""
+    value = ref.get("ReferencedSegmentNumber")
+    if value is None or value == "":
+        return []
+    return [int(v) for v in value] if isinstance(value, MultiValue) else [int(value)]
+
+
+def names_segments_of(ref: Dataset, segment_numbers: set[int]) -> bool:
+    """Whether a reference to the SEG names at least one segment, and only segments the SEG has."""
+    named = set(segment_numbers_named(ref))
+    return bool(named) and named <= segment_numbers
+
+
+def item_name(item: Dataset) -> str:
+    """How a problem names an SR content item: its concept code (a code is no PHI; values may be)."""
+    code = concept_code(item)
+    return "Referenced Segment" if code == REFERENCED_SEGMENT else f"IMAGE item (DCM {code})"
+
+
 def sr_content_problems(ds: Dataset, seg: Dataset | None) -> list[str]:
+    """TID 1500; every Referenced Segment names the SEG, and every IMAGE item naming the SEG (a Referenced
+    Segment, or a measurement's Source of Measurement in the viewer profile) names segments it has."""
     problems = []
     templates = ds.get("ContentTemplateSequence", [])
     if not templates or templates[0].get("TemplateIdentifier") != "1500" \
@@ -330,16 +354,34 @@ def sr_content_problems(ds: Dataset, seg: Dataset | None) -> list[str]:
         return problems
     segment_numbers = {int(s.SegmentNumber) for s in seg.get("SegmentSequence", [])}
     for item in content_items(ds.get("ContentSequence", [])):
-        if concept_code(item) != REFERENCED_SEGMENT:
+        if item.get("ValueType") != "IMAGE":
             continue
         for ref in item.get("ReferencedSOPSequence", []):
-            if ref.get("ReferencedSOPInstanceUID") != seg.SOPInstanceUID:
+            names_seg = ref.get("ReferencedSOPInstanceUID") == seg.SOPInstanceUID
+            if concept_code(item) == REFERENCED_SEGMENT and not names_seg:
                 problems.append(f"Referenced Segment: {tag_name('ReferencedSOPInstanceUID')} "
                                 f"{ref.get('ReferencedSOPInstanceUID')} is not the SEG {seg.SOPInstanceUID}")
-            elif int(ref.get("ReferencedSegmentNumber", 0)) not in segment_numbers:
-                problems.append(f"Referenced Segment: {tag_name('ReferencedSegmentNumber')} "
+            elif names_seg and not names_segments_of(ref, segment_numbers):
+                problems.append(f"{item_name(item)}: {tag_name('ReferencedSegmentNumber')} "
                                 f"{ref.get('ReferencedSegmentNumber')} is not a segment of the SEG")
     return problems
+
+
+def groups_without_coordinates(ds: Dataset) -> list[int]:
+    """1-based positions of the measurement groups without an SCOORD or SCOORD3D of their own (what OHIF 3.13
+    crashes on)."""
+    measurements = [i for i in ds.get("ContentSequence", []) if concept_code(i) == IMAGING_MEASUREMENTS]
+    groups = [g for m in measurements for g in m.get("ContentSequence", []) if concept_code(g) == MEASUREMENT_GROUP]
+    return [number for number, group in enumerate(groups, start=1)
+            if not any(i.get("ValueType") in ("SCOORD", "SCOORD3D") for i in group.get("ContentSequence", []))]
+
+
+def sr_profile_problems(ds: Dataset, sr_profile: str) -> list[str]:
+    """The "viewer" profile's promise: every measurement group has image coordinates."""
+    if sr_profile != "viewer":
+        return []
+    return [f"measurement group {number} has no image coordinates (SCOORD), which every group of a viewer SR has"
+            for number in groups_without_coordinates(ds)]
 
 
 # 7a. highdicom reads it back from its encoded bytes.
@@ -403,13 +445,15 @@ def reference_problems(ds: Dataset, kind: str, sources: Sequence[Dataset], seg: 
 
 
 def check_result(
-    ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None
+    ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None,
+    sr_profile: str = "full",
 ) -> list[str]:
     """Problems of result object `ds` made from `sources` (the source series); [] when it meets the standards.
 
     `seg` is the SEG an SR references (needed to check its segment references); `manifest` enables the
-    checks that depend on the pipeline (name, version, the model card's diagnostic-use flag). Heatmap
-    Secondary Captures are checked as SCs.
+    checks that depend on the pipeline (name, version, the model card's diagnostic-use flag); `sr_profile`
+    "viewer" adds that an SR's every measurement group has image coordinates. Heatmap Secondary Captures are
+    checked as SCs.
     """
     if not sources:
         return ["no source instances to check against"]
@@ -425,7 +469,7 @@ def check_result(
     elif kind == "PM":
         problems += frame_of_reference_problems(ds, sources[0])
     elif kind == "SR":
-        problems += sr_content_problems(ds, seg)
+        problems += sr_content_problems(ds, seg) + sr_profile_problems(ds, sr_profile)
     return problems + readback_problems(ds, kind)
 
 
@@ -466,11 +510,12 @@ def gate(
     sources: Sequence[Dataset],
     manifest: Manifest | None,
     folder_for_dciodvfy: Path | None = None,
+    sr_profile: str = "full",
 ) -> None:
     """Raise ResultValidationError listing every problem of the result objects, else return.
 
     With `folder_for_dciodvfy`, each object is saved there (as `save` names it) and checked by dciodvfy
-    too, where it is installed.
+    too, where it is installed. `sr_profile` is the one the objects were written with (see check_result).
     """
     segs = [ds for ds in datasets if result_kind(ds) == "SEG"]
     seg = segs[0] if segs else None
@@ -480,7 +525,7 @@ def gate(
                  for uid in sorted({u for u in uids if uids.count(u) > 1})]
     for ds in datasets:
         label = f"{result_kind(ds) or 'object'} {ds.get('SOPInstanceUID', '?')}"
-        problems += [f"{label}: {p}" for p in check_result(ds, sources, seg, manifest)]
+        problems += [f"{label}: {p}" for p in check_result(ds, sources, seg, manifest, sr_profile)]
         if folder_for_dciodvfy is not None:
             errors = dciodvfy_errors(save(ds, Path(folder_for_dciodvfy)))
             problems += [f"{label}: dciodvfy: {line}" for line in errors or []]

@@ -18,9 +18,12 @@ from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.sc import build_key_image_sc
 from dicom_ai_node.results.seg import SEG_TYPES, build_seg
 from dicom_ai_node.results.sr import build_sr, has_report_content
+from dicom_ai_node.results.sr_viewer import build_viewer_sr
 
 RESULT_KINDS = ("seg", "sr", "sc", "pmap", "heatmap_sc", "gsps")
 DEFAULT_KINDS = ("seg", "sr", "sc")
+SR_BUILDERS = {"full": build_sr, "viewer": build_viewer_sr}
+SR_PROFILES = tuple(SR_BUILDERS)
 
 
 def write_results(
@@ -30,11 +33,13 @@ def write_results(
     ctx: ResultContext,
     kinds: Sequence[str] = DEFAULT_KINDS,
     seg_type: str | None = None,
+    sr_profile: str = "full",
 ) -> list[Dataset]:
     """The result objects of `kinds`, SEG before the SR that references it.
 
     Kinds: "seg" (encoded as `seg_type`: "binary", "fractional" or "labelmap"; None picks fractional for
-    probability masks, else binary), "sr" (TID 1500), "sc" (key image), "pmap" (a Parametric Map per
+    probability masks, else binary), "sr" (TID 1500, laid out as `sr_profile`: "full", or "viewer" where every
+    measurement group has image coordinates, see sr_viewer.py), "sc" (key image), "pmap" (a Parametric Map per
     heatmap), "heatmap_sc" (an RGB rendering per heatmap), "gsps" (detections drawn on the source).
 
     Objects with nothing to encode are not made: no SEG without segments, no SR without measurements,
@@ -48,6 +53,8 @@ def write_results(
         raise ValueError(f"unknown result kinds {unknown}; known: {', '.join(RESULT_KINDS)}")
     if seg_type is not None and seg_type not in SEG_TYPES:
         raise ValueError(f"unknown seg_type {seg_type!r}; known: {', '.join(SEG_TYPES)}")
+    if sr_profile not in SR_BUILDERS:
+        raise ValueError(f"unknown sr_profile {sr_profile!r}; known: {', '.join(SR_PROFILES)}")
     if "sr" in kinds and result.segments and "seg" not in kinds:
         raise ValueError("an SR of a result with segments references their SEG: add 'seg' to the kinds")
     datasets: list[Dataset] = []
@@ -55,7 +62,7 @@ def write_results(
     if seg is not None:
         datasets.append(seg)
     if "sr" in kinds and has_report_content(result):
-        datasets.append(build_sr(volume, result, manifest, ctx, seg))
+        datasets.append(SR_BUILDERS[sr_profile](volume, result, manifest, ctx, seg))
     if "sc" in kinds:
         datasets.append(build_key_image_sc(volume, result, manifest, ctx))
     if "pmap" in kinds and result.heatmaps and has_frame_of_reference(volume):

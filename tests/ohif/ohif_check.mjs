@@ -9,7 +9,8 @@
 //   out: folder for screenshots and the JSON result, name: file name stem,
 //   playwright: path of the playwright-core package, chromium: path of the browser,
 //   segments: ["Right lung", …]   (seg: the segment names to wait for in the segmentation panel)
-//   texts: ["Volume: 1450.35 mL", …] (sr: measurement labels to wait for on the image)
+//   steps: [{texts: ["Volume:", …], slice: "I:21 "}, …] (sr: per measurement group, the labels to wait for on
+//          its image and that image's slice label; see the sr branch)
 //   timeoutMs: per wait (default 60000)
 // }
 // Every wait is on a DOM condition with a timeout; a wait that fails is reported in `failures`, with the
@@ -164,15 +165,33 @@ if (result.failures.length) {
   }
 } else if (spec.check === 'sr') {
   // Either the measurements are drawn on the image (SVG annotations with their labels), or OHIF fails.
-  // spec.texts: label prefixes ("Volume:"), as many times as they must appear (one per measurement group).
+  // spec.steps: one per measurement group, in the SR's order: {texts: label prefixes ("Volume:"), as many
+  // times as they must appear on that group's image, slice: the prefix its slice label must have ("I:21 ")}.
+  // OHIF opens the SR on the first group's image; the viewport's right arrow steps to the next group's.
+  const steps = spec.steps;
+  const textsShown = (texts) => page.waitForFunction((want) => {
+    const lines = [...document.querySelectorAll('[data-cy="viewport-pane"] svg text tspan')].map((t) => t.textContent.trim());
+    const need = {};
+    for (const t of want) need[t] = (need[t] || 0) + 1;
+    return Object.entries(need).every(([t, n]) => lines.filter((l) => l.startsWith(t)).length >= n);
+  }, texts, { timeout, polling: 250 });
+  const sliceShown = (prefix) => page.waitForFunction((want) =>
+    (document.querySelector('[data-cy="viewport-overlay-bottom-right"]')?.innerText || '').trim().startsWith(want),
+  prefix || '', { timeout, polling: 250 });
+  const view = async () => ({
+    // Read without waiting: after a crash there is no slice label.
+    sliceLabel: await page.evaluate(() =>
+      (document.querySelector('[data-cy="viewport-overlay-bottom-right"]')?.innerText || '').trim()),
+    // Each label line of an annotation is a <tspan> ("Volume: 1450.35 mL").
+    svgTexts: await page.evaluate(() => [...document.querySelectorAll('[data-cy="viewport-pane"] svg text tspan')]
+      .map((t) => t.textContent.trim()).filter(Boolean)),
+    svgShapes: await page.evaluate(() => document.querySelectorAll(
+      '[data-cy="viewport-pane"] svg path, [data-cy="viewport-pane"] svg polyline, [data-cy="viewport-pane"] svg polygon').length),
+  });
   const drawn = (async () => {
     await imageShown();
-    await page.waitForFunction((texts) => {
-      const lines = [...document.querySelectorAll('[data-cy="viewport-pane"] svg text tspan')].map((t) => t.textContent.trim());
-      const need = {};
-      for (const t of texts) need[t] = (need[t] || 0) + 1;
-      return Object.entries(need).every(([t, n]) => lines.filter((l) => l.startsWith(t)).length >= n);
-    }, spec.texts, { timeout, polling: 250 });
+    await sliceShown(steps[0].slice);
+    await textsShown(steps[0].texts);
     return 'drawn';
   })();
   const failed = page.waitForEvent('console', { predicate: (m) => /Error Boundary/.test(m.text()), timeout })
@@ -182,16 +201,24 @@ if (result.failures.length) {
   result.outcome = outcome || 'timeout';
   if (outcome === 'error boundary') result.failures.push('OHIF hit an error (React error boundary) showing the SR');
   mark('sr');
-  // Each label line of an annotation is a <tspan> ("Volume: 1450.35 mL").
-  result.svgTexts = await page.evaluate(() => [...document.querySelectorAll('[data-cy="viewport-pane"] svg text tspan')]
-    .map((t) => t.textContent.trim()).filter(Boolean));
+  Object.assign(result, await view());
   result.notifications = await page.evaluate(() => [...document.querySelectorAll('[data-sonner-toast], [role="status"], li[data-type]')]
     .map((n) => n.innerText.trim()).filter(Boolean));
-  result.svgShapes = await page.evaluate(() => document.querySelectorAll(
-    '[data-cy="viewport-pane"] svg path, [data-cy="viewport-pane"] svg polyline, [data-cy="viewport-pane"] svg polygon').length);
   await page.mouse.move(5, 995);
   await shot('page.png');
-  if (outcome === 'drawn') await shot('viewport.png', viewport);
+  if (outcome === 'drawn') {
+    result.steps = [{ ...(await view()), viewport: await shot('group-1.png', viewport) }];
+    for (let i = 1; i < steps.length && !result.failures.length; i++) {
+      await step(`go to measurement group ${i + 1}`, async () => {
+        await page.locator('[data-cy="viewport-action-arrows-right"] svg').first().click();
+        await sliceShown(steps[i].slice);
+        await textsShown(steps[i].texts);
+      });
+      await page.mouse.move(5, 995);
+      result.steps.push({ ...(await view()), viewport: await shot(`group-${i + 1}.png`, viewport) });
+    }
+    mark('steps');
+  }
 }
 
 result.bodyText = (await page.evaluate(() => document.body.innerText).catch(() => '')).slice(0, 4000);
