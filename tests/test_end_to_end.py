@@ -2,11 +2,14 @@
 ct_lung and sends SEG + TID 1500 SR + key-image SC back to Orthanc, and every object meets the standards."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
+from PIL import Image
 import pytest
 
 from conftest import wait_for
@@ -55,6 +58,7 @@ peers:
     assert len(instances) == len(sources) + 3  # exactly one of each result, no duplicates
     source_uids = {str(ds.SOPInstanceUID) for ds in phantom.datasets}
     results = {}
+    orthanc_ids = {}
     for sop_uid, info in instances.items():
         if sop_uid in source_uids:
             continue
@@ -63,6 +67,7 @@ peers:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
         results[pydicom.dcmread(path).Modality] = path
+        orthanc_ids[pydicom.dcmread(path).Modality] = info["ID"]
     assert set(results) == {"SEG", "SR", "OT"} or set(results) == {"SEG", "SR", "SC"} or len(results) == 3
 
     source_datasets = [pydicom.dcmread(p) for p in sources]
@@ -75,6 +80,12 @@ peers:
         errors = dciodvfy_errors(path)
         assert errors is not None, "dciodvfy must be installed for this test"
         assert errors == [], f"{modality}: dciodvfy -new: {errors}"
+
+    # Orthanc renders the key image: its preview is a real picture, with the coloured outlines in it.
+    preview = Image.open(io.BytesIO(orthanc.request("GET", f"/instances/{orthanc_ids['OT']}/preview")))
+    pixels = np.asarray(preview.convert("RGB")).astype(int)
+    assert pixels.std() > 10
+    assert (np.abs(pixels[..., 0] - pixels[..., 1]) > 40).any()  # colour, not only grey
 
     segmentation = hd.seg.Segmentation.from_dataset(seg)
     labels = {segmentation.get_segment_description(n).segment_label for n in segmentation.segment_numbers}
