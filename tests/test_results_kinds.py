@@ -1,11 +1,13 @@
 """Every result kind (SEG in three encodings, TID 1500 SR, key-image SC, Parametric Map, heatmap SC, GSPS)
-from real pydicom images (CT_small, MR_small, a CR chest radiograph) and a generated chest phantom.
+from real pydicom images (CT_small, MR_small, a CR chest radiograph) and a generated chest phantom, also as
+one Enhanced CT multi-frame instance (references name the source's frames).
 
 Each object passes the node's validator and dciodvfy, and highdicom (or, for the GSPS, highdicom's
 validating constructors) reads back the values that went in.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, replace
 from functools import cache
@@ -17,6 +19,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import EnhancedCTImageStorage, generate_uid
 from test_results import ANATOMICAL_STRUCTURE, CLINICAL_FINDING, ML, ORG_ROOT, VOLUME, manifest_in
 
 from dicom_ai_node.imaging import Volume, load_series, load_volume
@@ -35,7 +39,7 @@ from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.sr import build_sr
 from dicom_ai_node.results.uids import derive_result_uid
-from dicom_ai_node.results.validate import check_result, dciodvfy_errors, gate, result_kind
+from dicom_ai_node.results.validate import check_result, content_items, dciodvfy_errors, gate, result_kind
 from dicom_ai_node.results.writer import RESULT_KINDS, save, write_results
 
 LUNG = Concept("39607008", "SCT", "Lung")
@@ -218,10 +222,186 @@ def test_radiograph_gets_no_parametric_map_but_a_heatmap_sc(build) -> None:
     assert "FrameOfReferenceUID" not in b.volume.sources[0]
 
 
-@pytest.mark.skip(reason="TODO: enhanced multi-frame MR source (emri_small.dcm) needs imaging's enhanced "
-                         "multi-frame loader from the imaging helper; the lead integrates that case")
-def test_enhanced_multiframe_mr_source() -> None:
-    """Every kind from an Enhanced MR Image Storage source (per-frame references, ReferencedFrameNumber)."""
+def enhanced_ct_volume(root: Path) -> Volume:
+    """An Enhanced CT Image of the chest phantom (one instance, one frame per slice), loaded: highdicom's
+    legacy conversion relabelled as Enhanced CT (as tests/test_imaging.py builds it), its frames stored
+    superior first so that frame order and slice order differ."""
+    phantom = make_chest_phantom(slices=12, size=64, pixel_spacing_mm=6.0, slice_thickness_mm=25.0,
+                                 uid_seed="enhanced")
+    datasets = [pydicom.dcmread(path) for path in phantom.write(root / "enhanced-singles")]
+    datasets.sort(key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=datasets,
+            series_instance_uid=datasets[0].SeriesInstanceUID,
+            series_number=int(datasets[0].SeriesNumber),
+            sop_instance_uid=generate_uid(entropy_srcs=["results enhanced CT"]),
+            instance_number=1,
+        )
+    mf.SOPClassUID = EnhancedCTImageStorage
+    mf.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    folder = root / "enhanced"
+    folder.mkdir(parents=True, exist_ok=True)
+    mf.save_as(folder / "enhanced.dcm", enforce_file_format=True)
+    return load_volume([folder / "enhanced.dcm"])
+
+
+@pytest.fixture(scope="module")
+def enhanced(root: Path, manifest: Manifest, ctx: ResultContext):
+    """enhanced(seg_type, sr_profile) -> Build of every kind from the Enhanced CT source."""
+    builds: dict[tuple[str, str], Build] = {}
+    volume = enhanced_ct_volume(root)
+
+    def get(seg_type: str = "binary", sr_profile: str = "full") -> Build:
+        if (seg_type, sr_profile) not in builds:
+            result = full_result(volume)
+            objects = {object_key(ds): ds for ds in write_results(volume, result, manifest, ctx, ALL_KINDS,
+                                                                  seg_type, sr_profile=sr_profile)}
+            out = root / "out" / "enhanced" / f"{seg_type}-{sr_profile}"
+            builds[(seg_type, sr_profile)] = Build(volume, result, manifest, ctx, objects,
+                                                   {k: save(ds, out) for k, ds in objects.items()})
+        return builds[(seg_type, sr_profile)]
+    return get
+
+
+def referenced_frames(refs) -> list[tuple[str, list[int]]]:
+    """(ReferencedSOPInstanceUID, ReferencedFrameNumber values) of reference items."""
+    out = []
+    for ref in refs:
+        value = ref.get("ReferencedFrameNumber")
+        numbers = [] if value is None else [int(v) for v in (value if isinstance(value, MultiValue)
+                                                              else [value])]
+        out.append((str(ref.ReferencedSOPInstanceUID), numbers))
+    return out
+
+
+def test_enhanced_ct_source_is_one_multiframe_instance(enhanced) -> None:
+    volume = enhanced().volume
+    assert volume.is_multiframe and len(volume.source_instances) == 1
+    assert volume.slices_in_frame_order() != list(range(volume.array.shape[0]))  # frames stored superior first
+
+
+@pytest.mark.parametrize(("seg_type", "sr_profile"), [("binary", "full"), ("fractional", "viewer"),
+                                                       ("labelmap", "full")])
+def test_enhanced_multiframe_source_every_kind_passes(enhanced, seg_type: str, sr_profile: str) -> None:
+    """Every kind from an Enhanced CT Image Storage source (per-frame references, ReferencedFrameNumber)."""
+    b = enhanced(seg_type, sr_profile)
+    assert set(b.objects) == set(CLASSES)
+    for kind, ds in b.objects.items():
+        assert check_result(ds, b.volume.sources, b.seg, b.manifest, sr_profile) == [], kind
+        assert check_result(pydicom.dcmread(b.paths[kind]), b.volume.sources, b.seg, b.manifest,
+                            sr_profile) == [], kind
+        errors = dciodvfy_errors(b.paths[kind])
+        assert errors is None or errors == [], (kind, errors)
+
+
+@pytest.mark.parametrize("seg_type", SEG_TYPES)
+def test_enhanced_seg_frames_reference_their_source_frames(enhanced, seg_type: str) -> None:
+    b = enhanced(seg_type)
+    (source,) = b.volume.source_instances
+    seg = seg_read_back(b)
+    assert seg.get_source_image_uids() == [(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
+                                           str(source.SOPInstanceUID))]
+    source_positions = {
+        number: [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        for number, item in enumerate(source.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    frames = b.seg.PerFrameFunctionalGroupsSequence
+    assert frames
+    for item in frames:
+        (ref,) = item.DerivationImageSequence[0].SourceImageSequence
+        [(uid, [number])] = referenced_frames([ref])
+        assert uid == str(source.SOPInstanceUID)
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(position, source_positions[number], atol=1e-3)
+
+
+def test_enhanced_parametric_map_frames_reference_their_source_frames(enhanced) -> None:
+    b = enhanced()
+    (source,) = b.volume.source_instances
+    pmap = b.objects["PM"]
+    assert int(pmap.NumberOfFrames) == int(source.NumberOfFrames)
+    order = b.volume.slices_in_frame_order()
+    for number, (item, source_item) in enumerate(zip(pmap.PerFrameFunctionalGroupsSequence,
+                                                     source.PerFrameFunctionalGroupsSequence), start=1):
+        [(uid, numbers)] = referenced_frames(item.DerivationImageSequence[0].SourceImageSequence)
+        assert (uid, numbers) == (str(source.SOPInstanceUID), [number])
+        assert np.allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+                           [float(v) for v in source_item.PlanePositionSequence[0].ImagePositionPatient], atol=1e-3)
+    values = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(b.paths["PM"])).pixel_array
+    assert np.allclose(values, b.result.heatmaps[0].array[order])
+
+
+def test_enhanced_binary_seg_masks_read_back(enhanced) -> None:
+    b = enhanced("binary")
+    seg = seg_read_back(b)
+    (source,) = b.volume.source_instances
+    order = b.volume.slices_in_frame_order()
+    frame_numbers = [b.volume.frame_numbers[k] for k in order]
+    pixels = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(source.SOPInstanceUID), source_frame_numbers=frame_numbers,
+        segment_numbers=list(range(1, STRIPES + 2)), assert_missing_frames_are_empty=True,
+    )
+    for index, segment in enumerate(b.result.segments):
+        assert np.array_equal(pixels[..., index] > 0, segment.mask[order] > 0.5), segment.number
+
+
+def test_enhanced_renderings_and_reports_name_frames(enhanced) -> None:
+    b = enhanced("binary", "viewer")
+    uid = str(b.volume.source_instances[0].SOPInstanceUID)
+    frames = set(b.volume.frame_numbers)
+    for kind in ("SC", "HEATMAP_SC"):
+        [(ref_uid, numbers)] = referenced_frames(b.objects[kind].SourceImageSequence)
+        assert ref_uid == uid and len(numbers) == 1 and numbers[0] in frames, kind
+    for sr in (enhanced("binary", "full").objects["SR"], b.objects["SR"]):
+        evidence = [ref for study in sr.CurrentRequestedProcedureEvidenceSequence
+                    for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+        assert [str(r.ReferencedSOPInstanceUID) for r in evidence].count(uid) == 1
+        refs = [ref for item in content_items(sr.ContentSequence) if item.get("ValueType") == "IMAGE"
+                for ref in item.ReferencedSOPSequence if str(ref.ReferencedSOPInstanceUID) == uid]
+        assert refs
+        assert all(len(numbers) == 1 and numbers[0] in frames for _, numbers in referenced_frames(refs))
+    gsps = b.objects["PR"]
+    for annotation in gsps.GraphicAnnotationSequence:
+        [(ref_uid, numbers)] = referenced_frames(annotation.ReferencedImageSequence)
+        assert ref_uid == uid and len(numbers) == 1 and numbers[0] in frames
+    middle = b.volume.array.shape[0] // 2
+    assert referenced_frames(gsps.GraphicAnnotationSequence[0].ReferencedImageSequence)[0][1] == \
+        [b.volume.frame_numbers[middle]]
+
+
+def test_check_catches_frame_number_outside_the_source(enhanced) -> None:
+    b = enhanced("binary")
+    seg = copy.deepcopy(b.objects["SEG"])
+    seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0] \
+        .ReferencedFrameNumber = 99
+    assert any("ReferencedFrameNumber" in p for p in check_result(seg, b.volume.sources, None, b.manifest))
+    sc = copy.deepcopy(b.objects["SC"])
+    sc.SourceImageSequence[0].ReferencedFrameNumber = 0
+    assert any("ReferencedFrameNumber" in p for p in check_result(sc, b.volume.sources, None, b.manifest))
+    del sc.SourceImageSequence[0].ReferencedFrameNumber  # a slice of a multi-frame source names its frame
+    assert any("ReferencedFrameNumber" in p for p in check_result(sc, b.volume.sources, None, b.manifest))
+    gsps = copy.deepcopy(b.objects["PR"])
+    gsps.GraphicAnnotationSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber = 13
+    assert any("ReferencedFrameNumber" in p for p in check_result(gsps, b.volume.sources, None, b.manifest))
+    sr = copy.deepcopy(b.objects["SR"])
+    uid = str(b.volume.source_instances[0].SOPInstanceUID)
+    ref = next(ref for item in content_items(sr.ContentSequence) if item.get("ValueType") == "IMAGE"
+               for ref in item.ReferencedSOPSequence if str(ref.ReferencedSOPInstanceUID) == uid)
+    ref.ReferencedFrameNumber = 13
+    assert any("ReferencedFrameNumber" in p for p in check_result(sr, b.volume.sources, b.seg, b.manifest))
+
+
+def test_several_multiframe_instances_are_refused_for_seg(enhanced, manifest: Manifest, ctx: ResultContext) -> None:
+    volume = enhanced().volume
+    (source,) = volume.source_instances
+    other = copy.deepcopy(source)
+    other.SOPInstanceUID = generate_uid(entropy_srcs=["other half"])
+    half = volume.array.shape[0] // 2
+    split = replace(volume, sources=(*volume.sources[:half], *([other] * (len(volume.sources) - half))))
+    with pytest.raises(ValueError, match=str(source.SeriesInstanceUID)):
+        build_seg(split, full_result(split), manifest, ctx)
 
 
 # --- SEG: three encodings, many segments, empty segments, coding, radiographs ----------------------------

@@ -31,7 +31,7 @@ from dicom_ai_node.results.provenance import (
     with_use_warning,
 )
 from dicom_ai_node.results.sc import CT_LUNG_WINDOW, carries_voi
-from dicom_ai_node.results.segments import source_series_uid
+from dicom_ai_node.results.segments import frame_number, source_series_uid
 from dicom_ai_node.results.uids import derive_result_uid
 
 GSPS_SERIES_NUMBER = 9006
@@ -76,13 +76,15 @@ def region_text(region: Region) -> hd.pr.TextObject:
 def graphic_annotations(
     volume: Volume, regions: list[Region], layer: hd.pr.GraphicLayer
 ) -> list[hd.pr.GraphicAnnotation]:
-    """One annotation per source slice that holds detections, with their graphics and labels."""
+    """One annotation per source slice that holds detections, with their graphics and labels; on a multi-frame
+    source it names the slice's frame."""
     by_slice: dict[int, list[Region]] = defaultdict(list)
     for region in regions:
         by_slice[region.detection.slice_index].append(region)
     return [
         hd.pr.GraphicAnnotation(
             referenced_images=[volume.sources[index]],
+            referenced_frame_number=frame_number(volume, index),
             graphic_layer=layer,
             graphic_objects=[region_graphic(r) for r in slice_regions],
             text_objects=[region_text(r) for r in slice_regions],
@@ -121,7 +123,7 @@ def build_gsps(volume: Volume, result: PipelineResult, manifest: Manifest, ctx: 
     source = volume.sources[0]
     with no_person_name_warnings():
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-            referenced_images=list(volume.sources),
+            referenced_images=list(volume.source_instances),  # a multi-frame source once: all its frames
             series_instance_uid=derive_result_uid(
                 ctx.org_root, series_uid, manifest.name, manifest.version, "gsps-series"
             ),

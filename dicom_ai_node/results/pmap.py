@@ -33,7 +33,7 @@ from dicom_ai_node.results.provenance import (
     series_description,
     with_use_warning,
 )
-from dicom_ai_node.results.segments import source_series_uid
+from dicom_ai_node.results.segments import derivation_sources, source_series_uid
 from dicom_ai_node.results.uids import derive_result_uid
 
 PMAP_SERIES_NUMBER = 9004
@@ -72,10 +72,11 @@ def parametric_map(
 ) -> Dataset:
     """The Parametric Map of heatmap number `index` (0-based) of the result."""
     series_uid = source_series_uid(volume)
+    source_images, order = derivation_sources(volume)  # a multi-frame source: its frames in stored order
     with no_person_name_warnings():
         pmap = hd.pm.ParametricMap(
-            source_images=list(volume.sources),
-            pixel_array=heatmap.array.astype(np.float32),
+            source_images=source_images,
+            pixel_array=heatmap.array.astype(np.float32)[order],
             series_instance_uid=derive_result_uid(
                 ctx.org_root, series_uid, manifest.name, manifest.version, "pmap-series"
             ),

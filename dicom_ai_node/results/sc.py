@@ -35,7 +35,7 @@ from dicom_ai_node.results.provenance import (
     series_description,
     software_versions,
 )
-from dicom_ai_node.results.segments import key_slice_index, sorted_segments, source_series_uid
+from dicom_ai_node.results.segments import frame_number, key_slice_index, sorted_segments, source_series_uid
 from dicom_ai_node.results.uids import derive_result_uid
 
 SC_SERIES_NUMBER = 9003
@@ -147,10 +147,13 @@ def patient_orientation(direction: tuple[float, float, float]) -> str:
     return positive if direction[axis] > 0 else negative
 
 
-def source_image_item(source: Dataset) -> Dataset:
+def source_image_item(source: Dataset, frame: int | None = None) -> Dataset:
+    """The SourceImageSequence item of `source`; `frame` (1-based) names the frame of a multi-frame source."""
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame is not None:
+        item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
@@ -229,7 +232,7 @@ def secondary_capture(
     sc.SecondaryCaptureDeviceManufacturerModelName = manifest.name
     sc.SecondaryCaptureDeviceSoftwareVersions = software_versions(manifest, ctx)
     sc.DerivationDescription = derivation
-    sc.SourceImageSequence = [source_image_item(source)]
+    sc.SourceImageSequence = [source_image_item(source, frame_number(volume, index))]
     copy_patient_study(sc, source)
     copy_body_part(sc, source)
     copy_laterality(sc, source)

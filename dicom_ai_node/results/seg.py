@@ -35,7 +35,7 @@ from dicom_ai_node.results.provenance import (
     series_description,
     with_use_warning,
 )
-from dicom_ai_node.results.segments import sorted_segments, source_series_uid, tracking_uid
+from dicom_ai_node.results.segments import derivation_sources, sorted_segments, source_series_uid, tracking_uid
 from dicom_ai_node.results.uids import derive_result_uid
 
 SEG_SERIES_NUMBER = 9001
@@ -164,10 +164,11 @@ def build_seg(
         raise ValueError(f"series {source_series_uid(volume)}: the result has no segments to encode as SEG")
     encoding = chosen_seg_type(segments, seg_type)
     series_uid = source_series_uid(volume)
+    source_images, order = derivation_sources(volume)  # a multi-frame source: its frames in stored order
     with no_person_name_warnings():
         seg = hd.seg.Segmentation(
-            source_images=list(volume.sources),
-            pixel_array=segment_pixels(segments, encoding),
+            source_images=source_images,
+            pixel_array=segment_pixels(segments, encoding)[order],
             segmentation_type=encoding,
             segment_descriptions=[segment_description(s, volume, manifest, ctx) for s in segments],
             series_instance_uid=derive_result_uid(

@@ -1,6 +1,8 @@
 """Segments of a PipelineResult as every result object sees them: ordered, checked, tracked."""
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
+
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, PipelineResult, Segment
 from dicom_ai_node.results.provenance import ResultContext
@@ -9,6 +11,35 @@ from dicom_ai_node.results.uids import derive_result_uid
 
 def source_series_uid(volume: Volume) -> str:
     return str(volume.sources[0].SeriesInstanceUID)
+
+
+def frame_number(volume: Volume, index: int) -> int | None:
+    """The 1-based frame of slice `index` within its multi-frame source; None for a single-frame source."""
+    return volume.frame_numbers[index] if volume.frame_numbers is not None else None
+
+
+def derivation_sources(volume: Volume) -> tuple[list[Dataset], list[int]]:
+    """(source_images, slice order) for highdicom's SEG and Parametric Map constructors.
+
+    Single-frame sources: every slice's instance, in slice order. A multi-frame source: its one instance and
+    the slices in its stored frame order (highdicom maps frame i of the pixel array to source frame i + 1);
+    highdicom takes exactly one multi-frame source image, so a series of several is refused.
+    """
+    if not volume.is_multiframe:
+        return list(volume.sources), list(range(len(volume.sources)))
+    instances = volume.source_instances
+    if len(instances) > 1:
+        raise ValueError(
+            f"series {source_series_uid(volume)} holds its slices in {len(instances)} multi-frame instances: "
+            "a SEG or Parametric Map derives from exactly one multi-frame source image"
+        )
+    order = volume.slices_in_frame_order()
+    if [volume.frame_numbers[k] for k in order] != list(range(1, int(instances[0].NumberOfFrames) + 1)):
+        raise ValueError(
+            f"series {source_series_uid(volume)}: the volume does not hold every frame of its multi-frame source "
+            "once, which a SEG or Parametric Map of it needs"
+        )
+    return list(instances), order
 
 
 def tracking_uid(volume: Volume, manifest: Manifest, ctx: ResultContext, segment_number: int) -> str:

@@ -38,7 +38,13 @@ from dicom_ai_node.results.provenance import (
     series_description,
 )
 from dicom_ai_node.results.seg import encoding_uid_part
-from dicom_ai_node.results.segments import key_slice_index, sorted_segments, source_series_uid, tracking_uid
+from dicom_ai_node.results.segments import (
+    frame_number,
+    key_slice_index,
+    sorted_segments,
+    source_series_uid,
+    tracking_uid,
+)
 from dicom_ai_node.results.uids import derive_result_uid
 
 SR_SERIES_NUMBER = 9002
@@ -195,9 +201,24 @@ def segment_group(
     )
 
 
+def frames_of_slice(volume: Volume, index: int) -> list[int] | None:
+    """referenced_frame_numbers of slice `index`: its frame in a multi-frame source, None for single-frame."""
+    number = frame_number(volume, index)
+    return None if number is None else [number]
+
+
+def region_source(volume: Volume, index: int) -> hd.sr.SourceImageForRegion:
+    """The source image (and frame, of a multi-frame source) a region on slice `index` is SELECTED FROM."""
+    source = volume.sources[index]
+    return hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID,
+                                      referenced_frame_numbers=frames_of_slice(volume, index))
+
+
 def key_source_image(volume: Volume, result: PipelineResult) -> hd.sr.SourceImageForMeasurementGroup:
-    key = volume.sources[key_slice_index(volume, result)]
-    return hd.sr.SourceImageForMeasurementGroup(key.SOPClassUID, key.SOPInstanceUID)
+    index = key_slice_index(volume, result)
+    key = volume.sources[index]
+    return hd.sr.SourceImageForMeasurementGroup(key.SOPClassUID, key.SOPInstanceUID,
+                                                referenced_frame_numbers=frames_of_slice(volume, index))
 
 
 def series_group(
@@ -241,14 +262,13 @@ def detection_group(
     region: Region, volume: Volume, manifest: Manifest
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of one detection region: its SCOORD on the source slice, finding type and probability."""
-    source = volume.sources[region.detection.slice_index]
     probability = region.detection.probability
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=region.tracking_uid, identifier=region.tracking_id),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues(region.graphic_type),
             graphic_data=region.data,
-            source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+            source_image=region_source(volume, region.detection.slice_index),
         ),
         finding_type=coded(region.detection.finding),
         algorithm_id=algorithm_id(manifest),
@@ -327,8 +347,9 @@ def report_document(
     )
     with no_person_name_warnings():
         sr = hd.sr.Comprehensive3DSR(
-            # Sources first: highdicom takes patient/study from evidence[0] and its acquisition equipment.
-            evidence=[*volume.sources, *([seg] if seg is not None else [])],
+            # Sources first: highdicom takes patient/study from evidence[0] and its acquisition equipment. Each
+            # instance once: a multi-frame source holds many slices.
+            evidence=[*volume.source_instances, *([seg] if seg is not None else [])],
             content=report[0],
             series_instance_uid=derive_result_uid(
                 ctx.org_root, series_uid, manifest.name, manifest.version, layout.series_uid_kind

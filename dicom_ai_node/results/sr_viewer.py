@@ -68,6 +68,7 @@ from dicom_ai_node.results.sr import (
     of_segment,
     probability_measurement,
     qualitative_evaluation,
+    region_source,
     report_document,
 )
 
@@ -103,11 +104,10 @@ def all_segments_outline(plane: np.ndarray) -> np.ndarray:
 
 def region_on(volume: Volume, index: int, outline: np.ndarray) -> hd.sr.ImageRegion:
     """The closed POLYLINE `outline` SELECTED FROM source image `index`."""
-    source = volume.sources[index]
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=outline,
-        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+        source_image=region_source(volume, index),
     )
 
 

@@ -139,7 +139,38 @@ def uid_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     return problems
 
 
-# 3. References resolve to the source instances.
+# 3. References resolve to the source instances (and, for a multi-frame source, to one of its frames).
+def frame_count(source: Dataset) -> int:
+    return int(source.get("NumberOfFrames") or 1)
+
+
+def frame_numbers_named(ref: Dataset) -> list[int]:
+    """The ReferencedFrameNumber values of one reference item (none: [])."""
+    value = ref.get("ReferencedFrameNumber")
+    if value is None or value == "":
+        return []
+    return [int(v) for v in value] if isinstance(value, MultiValue) else [int(value)]
+
+
+def frame_problems(ref: Dataset, sources: Sequence[Dataset], where: str, frame_required: bool = False) -> list[str]:
+    """Problems of the frames `ref` names in the source instance it references: each within 1..NumberOfFrames;
+    with `frame_required`, a reference to a multi-frame source must name its frame. A reference to no source
+    instance is reported by the caller."""
+    uid = str(ref.get("ReferencedSOPInstanceUID"))
+    source = next((s for s in sources if str(s.SOPInstanceUID) == uid), None)
+    if source is None:
+        return []
+    count = frame_count(source)
+    numbers = frame_numbers_named(ref)
+    if frame_required and count > 1 and not numbers:
+        return [f"{where}: {tag_name('ReferencedFrameNumber')} is missing for multi-frame source instance {uid}"]
+    outside = [n for n in numbers if not 1 <= n <= count]
+    if outside:
+        return [f"{where}: {tag_name('ReferencedFrameNumber')} {outside[0]} is not a frame of source instance "
+                f"{uid} (1..{count})"]
+    return []
+
+
 def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instances_keyword: str) -> list[str]:
     """ReferencedSeriesSequence names the source series, and its `instances_keyword` items source instances."""
     problems = []
@@ -153,6 +184,7 @@ def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instance
             if ref.get("ReferencedSOPInstanceUID") not in source_sops:
                 problems.append(f"{tag_name(instances_keyword)} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
+            problems += frame_problems(ref, sources, tag_name(instances_keyword))
     return problems
 
 
@@ -173,6 +205,8 @@ def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[st
             if ref.get("ReferencedSOPInstanceUID") not in source_sops:
                 problems.append(f"frame {number}: {tag_name('SourceImageSequence')} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
+            problems += frame_problems(ref, sources, f"frame {number}: {tag_name('SourceImageSequence')}",
+                                       frame_required=True)
             if SOURCE_IMAGE_FOR_PROCESSING not in code_values(ref.get("PurposeOfReferenceCodeSequence")):
                 problems.append(f"frame {number}: {tag_name('PurposeOfReferenceCodeSequence')} is not "
                                 f"(DCM {SOURCE_IMAGE_FOR_PROCESSING})")
@@ -201,14 +235,16 @@ def sr_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Dataset 
 def sr_image_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None) -> list[str]:
     """Every IMAGE content item (sources of groups, SCOORD regions) names a source instance or the SEG."""
     known = {str(s.SOPInstanceUID) for s in sources} | ({str(seg.SOPInstanceUID)} if seg is not None else set())
-    return [
-        f"IMAGE content item: {tag_name('ReferencedSOPInstanceUID')} {ref.get('ReferencedSOPInstanceUID')} "
-        "is not a source instance"
-        for item in content_items(ds.get("ContentSequence", []))
-        if item.get("ValueType") == "IMAGE"
-        for ref in item.get("ReferencedSOPSequence", [])
-        if str(ref.get("ReferencedSOPInstanceUID")) not in known
-    ]
+    problems = []
+    for item in content_items(ds.get("ContentSequence", [])):
+        if item.get("ValueType") != "IMAGE":
+            continue
+        for ref in item.get("ReferencedSOPSequence", []):
+            if str(ref.get("ReferencedSOPInstanceUID")) not in known:
+                problems.append(f"IMAGE content item: {tag_name('ReferencedSOPInstanceUID')} "
+                                f"{ref.get('ReferencedSOPInstanceUID')} is not a source instance")
+            problems += frame_problems(ref, sources, "IMAGE content item")
+    return problems
 
 
 def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
@@ -225,6 +261,8 @@ def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
         problems += [f"annotation {number}: {tag_name('ReferencedImageSequence')} names "
                      f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance"
                      for ref in refs if ref.get("ReferencedSOPInstanceUID") not in source_sops]
+        for ref in refs:
+            problems += frame_problems(ref, sources, f"annotation {number}: {tag_name('ReferencedImageSequence')}")
     return problems
 
 
@@ -233,11 +271,14 @@ def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     if not refs:
         return [f"{tag_name('SourceImageSequence')} is missing or empty"]
     source_sops = {str(s.SOPInstanceUID) for s in sources}
-    return [
+    problems = [
         f"{tag_name('SourceImageSequence')} names {ref.get('ReferencedSOPInstanceUID')}, not a source instance"
         for ref in refs
         if ref.get("ReferencedSOPInstanceUID") not in source_sops
     ]
+    for ref in refs:
+        problems += frame_problems(ref, sources, tag_name("SourceImageSequence"), frame_required=True)
+    return problems
 
 
 # 4. Derived and machine-made, and said so.
