@@ -3,7 +3,6 @@ last attempt, and the retry delays as a pure function."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 

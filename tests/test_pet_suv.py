@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from dicom_ai_node.imaging.qc import input_problems
 from dicom_ai_node.imaging.series import load_series
