@@ -60,13 +60,7 @@ class ChestPhantom:
         return 100.0 * float((self.hu[lungs] < -950).sum()) / float(lungs.sum())
 
     def write(self, folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ds in self.datasets:
-            path = folder / f"CT{int(ds.InstanceNumber):04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-        return paths
+        return write_series(self.datasets, folder, "CT")
 
 
 def _segment_mask(points: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> np.ndarray:
@@ -161,6 +155,17 @@ def make_chest_phantom(
     datasets = _datasets(stored, z, coords, pixel_spacing_mm, slice_thickness_mm, uid_seed)
     voxel_ml = pixel_spacing_mm * pixel_spacing_mm * slice_thickness_mm / 1000.0
     return ChestPhantom(datasets, hu, right_lung, left_lung, airway & body, voxel_ml)
+
+
+def write_series(datasets: list[Dataset], folder: Path, prefix: str) -> list[Path]:
+    """Save a phantom series as <prefix><InstanceNumber>.dcm files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{prefix}{int(ds.InstanceNumber):04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def synthetic_instance(sop_class_uid: str, sop_uid: str, patient: dict[str, str] = PHANTOM_PATIENT) -> Dataset:

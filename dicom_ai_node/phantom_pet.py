@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import PositronEmissionTomographyImageStorage, generate_uid
 
-from dicom_ai_node.phantom import synthetic_instance
+from dicom_ai_node.phantom import synthetic_instance, write_series
 
 F18_HALF_LIFE_S = 6586.2
 PHANTOM_PATIENT = {
@@ -77,13 +77,7 @@ class PETPhantom:
         return self.bqml * self.suv_factor
 
     def write(self, folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ds in self.datasets:
-            path = folder / f"PT{int(ds.InstanceNumber):04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-        return paths
+        return write_series(self.datasets, folder, "PT")
 
 
 def make_pet_phantom(
