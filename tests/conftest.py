@@ -141,15 +141,14 @@ class Orthanc:
         return found
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+def start_orthanc(folder: Path, name: str, **settings: Any) -> Orthanc:
+    """Start a real Orthanc with its config in `folder`; `settings` add to or replace the test defaults."""
     if ORTHANC_BIN is None:
         require_tool("Orthanc")
-    folder = tmp_path / "orthanc"
-    folder.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = {
-        "Name": "test-pacs",
+        "Name": name,
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "index"),
         "HttpPort": http_port,
@@ -166,10 +165,17 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         "DicomScuTimeout": 30,
         "HttpTimeout": 120,
         "UnknownSopClassAccepted": True,
+        **settings,
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     server = Orthanc(http_port, dicom_port, "ORTHANC", folder / "orthanc.json", folder / "orthanc.log")
     server.start()
+    return server
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = start_orthanc(tmp_path / "orthanc", "test-pacs")
     yield server
     server.stop()
 

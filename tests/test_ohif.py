@@ -43,7 +43,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from conftest import ORTHANC_BIN, Orthanc, free_port, node_config
+from conftest import ORTHANC_BIN, Orthanc, free_port, node_config, start_orthanc
 from dicom_ai_node.imaging import load_series
 from dicom_ai_node.jobs.executor import JobOutcome, JobRunner, JobSpec, OutputProfile, ResultFile, result_context
 from dicom_ai_node.phantom import ChestPhantom, make_chest_phantom
@@ -109,25 +109,9 @@ def ohif_tools() -> None:
 @pytest.fixture(scope="module")
 def dicomweb_orthanc(ohif_tools, tmp_path_factory) -> Iterator[Orthanc]:
     """A real Orthanc 1.10 with the DICOMweb plugin at /dicom-web/ (conftest's `orthanc` has no plugins)."""
-    folder = tmp_path_factory.mktemp("orthanc-dicomweb")
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "test-pacs-dicomweb",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-        "HttpTimeout": 120,
-        "UnknownSopClassAccepted": True,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    server = Orthanc(http_port, dicom_port, "ORTHANC", folder / "orthanc.json", folder / "orthanc.log")
-    server.start()
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc-dicomweb"), "test-pacs-dicomweb",
+                           Plugins=[DICOMWEB_PLUGIN],
+                           DicomWeb={"Enable": True, "Root": "/dicom-web/", "EnableWado": True})
     try:
         assert "dicom-web" in server.get("/plugins"), f"DICOMweb plugin not loaded: {server.log_path.read_text()[-2000:]}"
         yield server
