@@ -26,9 +26,19 @@ PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all are held open while picking, so the OS cannot hand one out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def require_tool(name: str) -> str:
@@ -146,7 +156,7 @@ def start_orthanc(folder: Path, name: str, **settings: Any) -> Orthanc:
     if ORTHANC_BIN is None:
         require_tool("Orthanc")
     folder.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_ports(2)
     config = {
         "Name": name,
         "StorageDirectory": str(folder / "storage"),

@@ -21,7 +21,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_ports  # noqa: E402
 from dicom_ai_node.config import NodeConfig, parse_config  # noqa: E402
 from dicom_ai_node.imaging.volume import load_volume  # noqa: E402
 from dicom_ai_node.jobs.executor import JobOutcome, JobRunner, JobSpec  # noqa: E402
@@ -120,11 +120,12 @@ def ray_address() -> Iterator[str]:
     to see a GPU pipeline's actor placed on it (its CUDA_VISIBLE_DEVICES), not to run CUDA.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
-    ports = {flag: free_port() for flag in (
-        "node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-    )}  # every listening port chosen, so a concurrent Ray (another test run) cannot collide
+    flags = ("node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    # Every listening port chosen, so a concurrent Ray cannot collide, and all distinct: picked one at a
+    # time, the OS may hand the same free port out twice and Ray refuses to start.
+    port, *others = free_ports(len(flags) + 1)
+    ports = dict(zip(flags, others))
     command = [str(RAY_BIN), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
                "--object-store-memory=200000000", "--disable-usage-stats", "--include-dashboard=false",
                f"--temp-dir={temp_dir}", *(f"--{flag}={value}" for flag, value in ports.items())]
