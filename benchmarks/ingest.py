@@ -30,10 +30,16 @@ from dicom_ai_node.phantom import make_chest_phantom  # noqa: E402
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: all held open while picking, so the OS cannot hand one out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -103,7 +109,7 @@ def main() -> int:
                 shutil.rmtree(ref_dir, ignore_errors=True)
                 shutil.rmtree(node_dir, ignore_errors=True)
                 ref_dir.mkdir()
-                ref_port, node_port = free_port(), free_port()
+                ref_port, node_port = free_ports(2)
                 reference = subprocess.Popen(["storescp", "-aet", "REF", "-od", str(ref_dir), "--fork", str(ref_port)],
                                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 config = work / "node.yaml"

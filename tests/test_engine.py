@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PEER_ENV, free_port, require_tool, wait_for
+from conftest import PEER_ENV, free_port, free_ports, require_tool, wait_for
 from dicom_ai_node.demo import push_datasets
 from dicom_ai_node.jobs.store import JobStore, PlannedJob
 from dicom_ai_node.phantom import make_chest_phantom
@@ -197,7 +197,7 @@ rules:
 def test_each_destination_gets_the_kinds_and_encoding_it_asks_for(start_node, tmp_path):
     import pydicom
 
-    archive_port, viewer_port = free_port(), free_port()
+    archive_port, viewer_port = free_ports(2)
     node = start_node(peers(
         f"{{ae_title: ARCHIVE, host: 127.0.0.1, port: {archive_port}, accepts: [seg, sr], seg_type: fractional}}",
         f"{{ae_title: VIEWER, host: 127.0.0.1, port: {viewer_port}, accepts: [seg, sc], seg_type: binary}}",
