@@ -57,8 +57,9 @@ def overlaid(rgb: np.ndarray, fractions: np.ndarray) -> np.ndarray:
     return blended.round().astype(np.uint8)
 
 
-def number_text(value: float) -> str:
-    return f"{value:.3g}"
+def number_text(value: float, span: float) -> str:
+    """The value to 3 significant digits; one below a thousandth of the bar's span reads 0, not 2.2e-30."""
+    return "0" if abs(value) < 1e-3 * span else f"{value:.3g}"
 
 
 def unit_text(heatmap: Heatmap) -> str:
@@ -87,7 +88,7 @@ def draw_colour_bar(draw: ImageDraw.ImageDraw, image: Image.Image, heatmap: Heat
     draw.rectangle((left - 1, top - 1, right, top + height), outline=WHITE)
     draw_right_aligned(draw, right, margin, heatmap.name, fitting_size(draw, heatmap.name, size, image.width // 2))
     for value, y in ((high, top), (low, top + height - size)):
-        draw_right_aligned(draw, left - margin, y, number_text(value) + unit_text(heatmap), size)
+        draw_right_aligned(draw, left - margin, y, number_text(value, high - low) + unit_text(heatmap), size)
 
 
 def heatmap_image(volume: Volume, heatmap: Heatmap, index: int, manifest: Manifest) -> tuple[np.ndarray, int]:
