@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from dicom_ai_node import __version__
@@ -60,11 +60,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_pipelines(args: argparse.Namespace) -> int:
     from dicom_ai_node.service import load_pipelines
 
-    for manifest in load_pipelines(_config(args)).values():
+    config = _config(args)
+    jobs: dict[str, Counter] = defaultdict(Counter)
+    if config.db_path.exists():
+        from dicom_ai_node.jobs.store import JobStore
+
+        for job in JobStore(config.db_path).jobs(limit=100000):
+            jobs[job.pipeline][job.state] += 1
+    for manifest in load_pipelines(config).values():
         flag = " [not for diagnostic use]" if manifest.model_card.not_for_diagnostic_use else ""
         accepts = " ".join(filter(None, [", ".join(manifest.accepts.modality), ", ".join(manifest.accepts.body_part)]))
         print(f"{manifest.name} {manifest.version}: {manifest.title}{flag}\n  accepts {accepts}; "
               f"outputs {', '.join(manifest.outputs)}; {manifest.folder}")
+        if manifest.model is not None:
+            model = manifest.model
+            print(f"  model: {model.format} {model.path} (AMP on GPU {'on' if model.amp else 'off'}, "
+                  f"torch.compile {'on' if model.compile else 'off'}); needs {manifest.gpu_memory_mb} MB GPU memory")
+        rules = [r.name for r in config.rules if manifest.name in r.pipelines]
+        state = f"enabled by rule(s) {', '.join(rules)}" if rules else "not used by any rule"
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(jobs[manifest.name].items()))
+        print(f"  state: {state}; jobs: {counts or 'none yet'}")
     return 0
 
 

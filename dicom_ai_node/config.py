@@ -28,7 +28,12 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         "name": "chest-ct-lungs",
         "match": {"Modality": "CT", "BodyPartExamined": ["CHEST", "LUNG", "THORAX"], "SliceThickness": "<=5"},
         "pipelines": ["ct_lung"],
-    }
+    },
+    {
+        "name": "chest-radiograph-nodule",
+        "match": {"Modality": ["DX", "CR"], "BodyPartExamined": "CHEST"},
+        "pipelines": ["cr_nodule_classifier"],
+    },
 ]
 
 
@@ -74,7 +79,7 @@ class Peer(Strict):
     # What this destination receives of each job's results (None: every kind the pipeline writes). Some
     # PACS refuse SEG or Parametric Map; viewers such as OHIF 3.13 show only BINARY SEG and an SR whose
     # every measurement group has image coordinates (sr_profile: viewer).
-    accepts: list[Literal["seg", "sr", "sc", "pmap", "heatmap_sc", "gsps"]] | None = None
+    accepts: list[Literal["seg", "sr", "sc", "pmap", "heatmap_sc", "gsps", "no_result_sr"]] | None = None
     seg_type: Literal["binary", "fractional", "labelmap"] | None = None  # None: as the pipeline's masks are
     sr_profile: Literal["full", "viewer"] = "full"
 
@@ -138,6 +143,7 @@ class Rule(Strict):
     quiet_period_s: float | None = Field(None, gt=0)  # overrides the completion quiet period for its series
     study: str | None = None  # name of a completion.studies entry to wait for before this rule runs
     priority: int = 0
+    no_result_sr: bool | None = None  # overrides qc.no_result_sr for the jobs of this rule
 
     @field_validator("match")
     @classmethod
@@ -188,6 +194,14 @@ class Retention(Strict):
     results_days: float = Field(30.0, ge=0)
 
 
+class QC(Strict):
+    """What happens when input QC refuses a series (outside a pipeline's validated range, or not a consistent
+    volume): the job always records every reason; with no_result_sr the node also sends the job's
+    destinations an SR stating that no result was produced and why, instead of failing the job in silence."""
+
+    no_result_sr: bool = True
+
+
 class Workers(Strict):
     executor: Literal["local", "ray"] = "local"
     count: int = Field(1, ge=1, le=64)  # CPU worker processes (with GPUs: one worker per GPU)
@@ -204,6 +218,7 @@ class NodeConfig(Strict):
     dispatch: Dispatch = Field(default_factory=Dispatch)
     workers: Workers = Field(default_factory=Workers)
     retention: Retention = Field(default_factory=Retention)
+    qc: QC = Field(default_factory=QC)
 
     @model_validator(mode="after")
     def _destinations_are_peers(self) -> "NodeConfig":
@@ -226,6 +241,13 @@ class NodeConfig(Strict):
     def uses_content_labels(self) -> bool:
         """Whether any rule matches on content labels (computing them means loading the series' pixels)."""
         return any(key in CONTENT_MATCH_KEYS for rule in self.rules for key in rule.match)
+
+    def no_result_sr(self, rule_name: str) -> bool:
+        """Whether a job of rule `rule_name` answers an input QC refusal with a no-result SR."""
+        rule = next((r for r in self.rules if r.name == rule_name), None)
+        if rule is not None and rule.no_result_sr is not None:
+            return rule.no_result_sr
+        return self.qc.no_result_sr
 
     def peer(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers if p.ae_title == ae_title), None)

@@ -1,6 +1,7 @@
-"""`dicom-ai-node demo`: push a synthetic chest CT to a running node and show the results arrive.
+"""`dicom-ai-node demo`: push a synthetic chest CT and a synthetic chest radiograph to a running node and
+show the results arrive (lungs: SEG, SR, key image; radiograph: nodule probability SR and Grad-CAM heatmap).
 
-The phantom gets a fresh StudyInstanceUID each time. The demo sends with calling AE DEMO_PACS from this
+The phantoms get a fresh StudyInstanceUID each time. The demo sends with calling AE DEMO_PACS from this
 machine; a node with no peers accepts it because it comes from loopback, and writes results to its outbox.
 """
 from __future__ import annotations
@@ -9,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import highdicom as hd
 import pydicom
 from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian
@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.phantom import make_chest_phantom
+from dicom_ai_node.phantom_xray import make_chest_radiograph
 from dicom_ai_node.net import NODELAY_HANDLERS
 
 DEMO_AE = "DEMO_PACS"
@@ -42,16 +43,19 @@ def push_datasets(datasets, host: str, port: int, called_ae: str, calling_ae: st
 
 
 def run_demo(config: NodeConfig, host: str = "127.0.0.1", wait_s: float = 600.0) -> int:
-    phantom = make_chest_phantom(uid_seed=f"demo-{uuid.uuid4()}")
-    study_uid = str(phantom.datasets[0].StudyInstanceUID)
-    series_uid = str(phantom.datasets[0].SeriesInstanceUID)
+    demo_id = uuid.uuid4()
+    phantom = make_chest_phantom(uid_seed=f"demo-{demo_id}")
+    radiograph = make_chest_radiograph(seed=7, nodule=True, uid_seed=f"demo-xr-{demo_id}")
     node = config.node
-    print(f"pushing a synthetic chest CT ({len(phantom.datasets)} slices) to {node.ae_title} at {host}:{node.port}")
-    stored = push_datasets(phantom.datasets, host, node.port, node.ae_title)
-    print(f"stored {stored}/{len(phantom.datasets)} instances; study {study_uid}")
+    print(f"pushing a synthetic chest CT ({len(phantom.datasets)} slices) and a synthetic chest radiograph "
+          f"with a nodule to {node.ae_title} at {host}:{node.port}")
+    datasets = phantom.datasets + [radiograph.dataset]
+    stored = push_datasets(datasets, host, node.port, node.ae_title)
+    print(f"stored {stored}/{len(datasets)} instances; CT study {phantom.datasets[0].StudyInstanceUID}, "
+          f"radiograph study {radiograph.dataset.StudyInstanceUID}")
     print(f"truth: right lung {phantom.right_lung_ml:.0f} mL, left lung {phantom.left_lung_ml:.0f} mL, "
-          f"LAA-950 {phantom.laa950_percent:.1f} %")
-    if stored != len(phantom.datasets):
+          f"LAA-950 {phantom.laa950_percent:.1f} %; the radiograph has a nodule")
+    if stored != len(datasets):
         return 1
     if wait_s <= 0:
         return 0
@@ -60,20 +64,42 @@ def run_demo(config: NodeConfig, host: str = "127.0.0.1", wait_s: float = 600.0)
         return 0
     print("waiting for the series to complete (a few seconds after the association is released, at most "
           f"the {config.completion.quiet_period_s:g} s quiet period) and for the results...")
-    return _follow(JobStore(config.db_path), config, series_uid, wait_s)
+    store = JobStore(config.db_path)
+    deadline = time.time() + wait_s
+    outcomes = [_follow(store, config, str(series_uid), deadline - time.time())
+                for series_uid in (phantom.datasets[0].SeriesInstanceUID, radiograph.dataset.SeriesInstanceUID)]
+    return max(outcomes)
 
 
 def describe_result(path: Path) -> str:
-    """One line per result object; for an SR, its measurements."""
+    """One line per result object; for an SR, its measurements and coded findings."""
     ds = pydicom.dcmread(path)
     line = f"{ds.Modality} \"{ds.SeriesDescription}\" ({path.name})"
     if ds.Modality == "SR":
-        report = hd.sr.Comprehensive3DSR.from_dataset(ds)
-        groups = report.content.get_volumetric_roi_measurement_groups() + report.content.get_image_measurement_groups()
-        for group in groups:
-            for m in group.get_measurements():
-                line += f"\n      {group.tracking_identifier}: {m.name.meaning} = {float(m.value):.1f} {m.unit.value}"
+        for tracking, item in _report_values(ds):
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            if item.ValueType == "NUM":
+                value = item.MeasuredValueSequence[0]
+                unit = value.MeasurementUnitsCodeSequence[0].CodeValue
+                line += f"\n      {tracking}: {name} = {float(value.NumericValue):.2f} {unit}"
+            else:
+                line += f"\n      {tracking}: {name} = {item.ConceptCodeSequence[0].CodeMeaning}"
     return line
+
+
+def _report_values(ds: pydicom.Dataset, tracking: str = "") -> list[tuple[str, pydicom.Dataset]]:
+    """(tracking identifier, NUM or CODE item) of every measurement group, depth first."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        if item.ValueType == "TEXT" and name == "Tracking Identifier":
+            tracking = str(item.TextValue)
+        measured = item.ValueType == "NUM" and "MeasuredValueSequence" in item
+        evaluated = item.ValueType == "CODE" and item.get("RelationshipType") == "CONTAINS"  # qualitative evaluation
+        if tracking and (measured or evaluated):
+            found.append((tracking, item))
+        found += _report_values(item, tracking)
+    return found
 
 
 def _follow(store: JobStore, config: NodeConfig, series_uid: str, wait_s: float) -> int:

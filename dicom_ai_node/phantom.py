@@ -25,6 +25,7 @@ EMPHYSEMA_HU = -980.0
 SOFT_TISSUE_HU = 40.0
 BONE_HU = 400.0
 TABLE_HU = 100.0
+NODULE_HU = 30.0  # a solid pulmonary nodule
 
 PHANTOM_PATIENT = {
     "PatientName": "Phantom^Chest",
@@ -44,6 +45,7 @@ class ChestPhantom:
     left_lung: np.ndarray  # bool
     airway: np.ndarray  # bool, trachea and main bronchi lumen inside the body (never lung)
     voxel_volume_ml: float
+    nodules: np.ndarray | None = None  # bool, solid nodules inside the lungs (None when none were asked for)
 
     @property
     def right_lung_ml(self) -> float:
@@ -80,6 +82,8 @@ def make_chest_phantom(
     uid_seed: str = "chest-phantom-0",
     noise_hu: float = 15.0,
     blur_mm: float = 1.0,
+    nodules: int = 0,
+    nodule_radius_mm: tuple[float, float] = (4.0, 12.0),
 ) -> ChestPhantom:
     """Generate the phantom. `uid_seed` makes all UIDs reproducible; change it to get a new study.
 
@@ -142,6 +146,12 @@ def make_chest_phantom(
             vessel = ((xx - vx) ** 2 + (yy - vy) ** 2 <= (3 * scale) ** 2) & (np.abs(zz - zc) <= 0.5 * lung_half_height)
             hu[vessel] = SOFT_TISSUE_HU
 
+    nodule_mask = None
+    if nodules:
+        # Own generator: asking for nodules must not change the rest of the phantom.
+        nodule_mask = _nodules(np.random.default_rng([seed, 1]), xx, yy, zz, right_shape, left_shape, body,
+                               nodules, nodule_radius_mm, scale, zc, lung_half_height)
+        hu[nodule_mask] = NODULE_HU
     hu[airway & body] = AIR_HU
     if blur_mm > 0:
         sigma = (blur_mm / slice_thickness_mm, blur_mm / pixel_spacing_mm, blur_mm / pixel_spacing_mm)
@@ -154,7 +164,30 @@ def make_chest_phantom(
     left_lung = left_shape & body & ~airway
     datasets = _datasets(stored, z, coords, pixel_spacing_mm, slice_thickness_mm, uid_seed)
     voxel_ml = pixel_spacing_mm * pixel_spacing_mm * slice_thickness_mm / 1000.0
-    return ChestPhantom(datasets, hu, right_lung, left_lung, airway & body, voxel_ml)
+    return ChestPhantom(datasets, hu, right_lung, left_lung, airway & body, voxel_ml,
+                        None if nodule_mask is None else nodule_mask & ~airway)
+
+
+def _nodules(rng: np.random.Generator, xx, yy, zz, right_shape, left_shape, body, count: int,
+             radius_mm: tuple[float, float], scale: float, zc: float, lung_half_height: float) -> np.ndarray:
+    """`count` solid spheres wholly inside a lung, not touching each other (so each is one nodule)."""
+    mask = np.zeros(xx.shape, dtype=bool)
+    placed: list[tuple[np.ndarray, float]] = []
+    for _ in range(count):
+        for _attempt in range(100):
+            side = rng.integers(2)
+            cx, ax, ay, shape = ((-70, 55, 75, right_shape), (70, 50, 70, left_shape))[side]
+            u = rng.uniform(-0.6, 0.6, size=3)
+            centre = np.array([cx * scale + u[0] * ax * scale, -5 * scale + u[1] * ay * scale,
+                               zc + u[2] * 0.7 * lung_half_height])
+            radius = float(rng.uniform(*radius_mm))
+            sphere = ((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (zz - centre[2]) ** 2) <= radius ** 2
+            apart = all(np.linalg.norm(centre - c) > radius + r + 4.0 for c, r in placed)
+            if sphere.any() and apart and not (sphere & ~(shape & body)).any():
+                placed.append((centre, radius))
+                mask |= sphere
+                break
+    return mask
 
 
 def write_series(datasets: list[Dataset], folder: Path, prefix: str) -> list[Path]:
@@ -186,6 +219,18 @@ def synthetic_instance(sop_class_uid: str, sop_uid: str, patient: dict[str, str]
     for keyword, value in patient.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def set_grayscale_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int) -> None:
+    """The Image Pixel module of a 16-bit MONOCHROME2 image (signed when `pixels` is)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    ds.PixelData = pixels.tobytes()
 
 
 def _datasets(stored: np.ndarray, z: np.ndarray, coords: np.ndarray, pixel_spacing: float,
@@ -226,19 +271,12 @@ def _datasets(stored: np.ndarray, z: np.ndarray, coords: np.ndarray, pixel_spaci
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.SliceLocation = f"{z[k]:.4f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
+        set_grayscale_pixels(ds, stored[k], bits_stored=12)
         ds.PixelSpacing = [f"{pixel_spacing:g}", f"{pixel_spacing:g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
         ds.WindowCenter = "-600"
         ds.WindowWidth = "1500"
         ds.RescaleIntercept = "-1024"
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
-        ds.PixelData = stored[k].tobytes()
         datasets.append(ds)
     return datasets

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import PositronEmissionTomographyImageStorage, generate_uid
 
-from dicom_ai_node.phantom import synthetic_instance, write_series
+from dicom_ai_node.phantom import set_grayscale_pixels, synthetic_instance, write_series
 
 F18_HALF_LIFE_S = 6586.2
 PHANTOM_PATIENT = {
@@ -192,17 +192,10 @@ def _datasets(concentration: np.ndarray, z: np.ndarray, coords: np.ndarray, voxe
         tracer.CodeMeaning = "Fluorodeoxyglucose F^18^"
         item.RadiopharmaceuticalCodeSequence = [tracer]
         ds.RadiopharmaceuticalInformationSequence = [item]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = stored.shape
+        set_grayscale_pixels(ds, stored, bits_stored=16)
         ds.PixelSpacing = [f"{voxel_mm:g}", f"{voxel_mm:g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
         ds.RescaleIntercept = "0"
         ds.RescaleSlope = slope_text
         ds.LossyImageCompression = "00"
-        ds.PixelData = stored.tobytes()
         datasets.append(ds)
     return datasets, said

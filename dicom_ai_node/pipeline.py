@@ -11,11 +11,11 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dicom_ai_node.imaging.volume import Volume
 
@@ -157,6 +157,9 @@ class Accepts(BaseModel):
     kvp: Range | None = None  # CT tube voltage
     magnetic_field_strength_t: Range | None = None  # MR
     radiopharmaceutical: list[str] = Field(default_factory=list)  # PET/NM tracers, e.g. [Fluorodeoxyglucose]
+    # Contrast phases validated on (empty: any): "contrast" when the header has ContrastBolusAgent,
+    # ContrastBolusRoute or ContrastBolusStartTime with a value, else "non-contrast" (imaging/qc.py).
+    contrast: list[Literal["non-contrast", "contrast"]] = Field(default_factory=list)
 
 
 class ModelCard(BaseModel):
@@ -168,6 +171,41 @@ class ModelCard(BaseModel):
     not_for_diagnostic_use: bool = True
 
 
+class SegmentLabel(BaseModel):
+    """How one label value of a segmentation model is coded in the SEG (DICOM needs coded concepts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    category: ConceptModel
+    type: ConceptModel
+    anatomic_region: ConceptModel | None = None
+    color_rgb: tuple[int, int, int] | None = None
+
+
+class ModelSpec(BaseModel):
+    """The model a pipeline runs: a MONAI bundle folder (its own transforms and inferer), or a bare
+    TorchScript/ONNX file that the node feeds itself (intensity window, sliding window, softmax, argmax)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["monai_bundle", "torchscript", "onnx"]
+    path: str  # relative to the pipeline folder
+    amp: bool = True  # float16 autocast on GPU
+    cpu_amp: bool = False  # bfloat16 autocast on CPU: fast where the CPU has native bf16 (AVX512-BF16/AMX)
+    compile: bool = False  # torch.compile when the worker starts (bundles and TorchScript)
+    labels: dict[int, SegmentLabel] = Field(default_factory=dict)  # segmentation label value -> coded segment
+    # bare models only: the network sees the volume as (1, 1, slices, rows, columns) in these units
+    intensity_window: tuple[float, float] | None = None  # scaled to [0, 1] and clipped
+    roi_size: tuple[int, int, int] | None = None  # sliding window (slices, rows, columns)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _bare_needs_window(self) -> "ModelSpec":
+        if self.format != "monai_bundle" and self.roi_size is None:
+            raise ValueError(f"a {self.format} model needs roi_size (the sliding window, slices x rows x columns)")
+        return self
+
+
 class Manifest(BaseModel):
     """pipeline.yaml: who the pipeline is, what it accepts, what it produces."""
 
@@ -176,12 +214,24 @@ class Manifest(BaseModel):
     version: str = Field(pattern=r"^[0-9A-Za-z.\-+]{1,32}$")
     title: str
     intended_use: str
-    entrypoint: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.py:[A-Za-z_][A-Za-z0-9_]*$")
+    # file.py:Class in the folder; may be left out when `model` is given: the node's generic segmentation
+    # pipeline then runs the model and reports each labelled segment with its volume.
+    entrypoint: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.py:[A-Za-z_][A-Za-z0-9_]*$")
     accepts: Accepts
-    outputs: list[str]  # subset of: seg, sr, sc
-    gpu_memory_mb: int = 0
+    outputs: list[str]  # subset of: seg, sr, sc, pmap, heatmap_sc, gsps
+    gpu_memory_mb: int = 0  # peak GPU memory of one run; the worker waits until it is free (0: not checked)
+    host_memory_mb: int = 0  # peak host memory of one run on CPU; same rule
+    model: ModelSpec | None = None
     model_card: ModelCard
     folder: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _code_or_model(self) -> "Manifest":
+        if self.entrypoint is None and self.model is None:
+            raise ValueError("give an entrypoint (file.py:Class) or a model (the generic segmentation pipeline)")
+        if self.entrypoint is None and self.model is not None and not self.model.labels:
+            raise ValueError("model.labels: the generic segmentation pipeline needs the coded segment of each label")
+        return self
 
     @property
     def series_description_suffix(self) -> str:
@@ -204,12 +254,18 @@ def load_manifest(folder: Path) -> Manifest:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ManifestError(f"{path}: invalid pipeline manifest: {errors}") from exc
     manifest.folder = Path(folder).resolve()
+    if manifest.model is not None and not (manifest.folder / manifest.model.path).exists():
+        raise ManifestError(f"{path}: model.path {manifest.model.path!r} does not exist in {manifest.folder}")
     return manifest
 
 
 def instantiate(manifest: Manifest) -> Pipeline:
     """Import the pipeline's entrypoint ("file.py:ClassName") from its folder and construct it."""
     assert manifest.folder is not None
+    if manifest.entrypoint is None:
+        from dicom_ai_node.runtime.model_pipeline import ModelSegmentation
+
+        return ModelSegmentation(manifest)
     filename, class_name = manifest.entrypoint.split(":")
     module_name = f"dicom_ai_node_pipelines.{manifest.name}"
     spec = importlib.util.spec_from_file_location(module_name, manifest.folder / filename)

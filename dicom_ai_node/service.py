@@ -31,15 +31,25 @@ from dicom_ai_node.config import OUTBOX, ConfigError, NodeConfig
 from dicom_ai_node.dispatch import Dispatcher
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import VolumeError
-from dicom_ai_node.jobs.executor import Executor, JobSpec, LocalExecutor, OutputProfile, ResultFile
-from dicom_ai_node.jobs.store import InstanceRow, JobStore, PlannedJob, SeriesRow
+from dicom_ai_node.jobs.executor import (
+    REFUSALS,
+    Executor,
+    JobSpec,
+    LocalExecutor,
+    OutputProfile,
+    ResultFile,
+    refusal_reasons,
+)
+from dicom_ai_node.jobs.store import InstanceRow, JobRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
+from dicom_ai_node.runtime.device import DeviceBusy
 from dicom_ai_node.receive.scp import Receiver
 from dicom_ai_node.route import header_values, parse_condition, route
 
 log = logging.getLogger("dicom_ai_node.service")
 
 POLL_S = 0.25
+DEVICE_BUSY_RETRY_S = 10.0  # a job the device had no memory for is tried again after this
 JOB_LEASE_S = 3600.0
 RETENTION_EVERY_S = 600.0
 MAX_WORKER_CRASHES = 3  # a job whose worker process died this often is failed, not retried again
@@ -337,17 +347,29 @@ class NodeService:
         log.info("job %d: %s on series %s (%d instances)", job.id, job.pipeline, job.series_uid, len(paths))
         executor = self.executor
         profiles = tuple(dict.fromkeys(output_profile(self.config, d) for d in job.destinations))
+        spec = JobSpec(job.id, job.pipeline, tuple(paths), profiles, series_revision=job.series_revision,
+                       no_result_sr=self.config.no_result_sr(job.rule))
         try:
-            outcome = executor.submit(JobSpec(job.id, job.pipeline, tuple(paths), profiles)).result()
+            outcome = executor.submit(spec).result()
         except cf.process.BrokenProcessPool as exc:
             self._worker_died(executor, job.id, job.attempts, exc)
+            return True
+        except DeviceBusy as exc:  # the memory guard: wait in the queue, neither fail nor count the attempt
+            log.info("job %d waits for its device: %s", job.id, exc)
+            self.store.defer_job(job.id, str(exc), time.time() + DEVICE_BUSY_RETRY_S)
             return True
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; the node carries on
             reason = f"{type(exc).__name__}: {exc}"
             log.error("job %d failed: %s", job.id, reason)
             self.store.fail_job(job.id, reason)
-            self.audit.write("job-failed", job_id=job.id, series_uid=job.series_uid, pipeline=job.pipeline,
-                             error=reason)
+            if isinstance(exc, REFUSALS):  # input QC refused the series, and no no-result SR answers it
+                self._audit_refusal(job, refusal_reasons(exc), [], [])
+            else:
+                self.audit.write("job-failed", job_id=job.id, series_uid=job.series_uid, pipeline=job.pipeline,
+                                 error=reason)
+            return True
+        if outcome.refusal:
+            self._refused(job, outcome.files, outcome.refusal, outcome.reasons, outcome.stages)
             return True
         manifest = self.manifests[job.pipeline]
         files = outcome.files
@@ -357,6 +379,23 @@ class NodeService:
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],
                          destinations=job.destinations)
         return True
+
+    def _refused(self, job: JobRow, files: list[ResultFile], refusal: str, reasons: tuple[str, ...],
+                 stages: dict[str, float]) -> None:
+        """Input QC refused the job's series and its no-result SR is written: queue it like any result, and
+        keep the refusal as the job's last error, where `status` shows it."""
+        sends = result_sends(self.config, files, job.destinations)
+        self.store.finish_job(job.id, sends, stages, note=f"refused, no-result SR sent instead: {refusal}")
+        log.warning("job %d refused, no-result SR queued for %d destination(s): %s", job.id, len(sends), refusal)
+        self._audit_refusal(job, reasons, [f.sop_uid for f in files], list(dict.fromkeys(s[3] for s in sends)))
+
+    def _audit_refusal(self, job: JobRow, reasons: tuple[str, ...], no_result_sr: list[str],
+                       destinations: list[str]) -> None:
+        """The audit record of a refusal: every reason, and the no-result SR sent (if any) and where."""
+        manifest = self.manifests.get(job.pipeline)
+        self.audit.write("job-refused", job_id=job.id, series_uid=job.series_uid, pipeline=job.pipeline,
+                         pipeline_version=manifest.version if manifest else None, reasons=list(reasons),
+                         no_result_sr=no_result_sr, destinations=destinations)
 
     def _worker_died(self, broken: Executor, job_id: int, attempts: int, exc: Exception) -> None:
         # A worker process that dies (out of memory, a crash in native code) breaks the pool: start a new

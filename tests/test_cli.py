@@ -18,13 +18,15 @@ def test_demo_pushes_phantom_and_results_reach_the_outbox(start_node):
     run = subprocess.run(CLI + ["demo", "--port", str(node.port), "--data-dir", data_dir, "--timeout", "180"],
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "stored 120/120 instances" in run.stdout
+    assert "stored 121/121 instances" in run.stdout  # the chest CT and the chest radiograph
     assert "Right lung: Volume" in run.stdout and "Left lung: Volume" in run.stdout
+    assert "Finding = Pulmonary nodule" in run.stdout and "Probability = " in run.stdout
     outbox = sorted(node.config.outbox_dir.rglob("*.dcm"))
-    assert len(outbox) == 3
+    assert len(outbox) == 5  # lungs: SEG, SR, key image; radiograph: SR, Grad-CAM heatmap
     status = subprocess.run(CLI + ["status", "--data-dir", data_dir], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
-    assert "routed" in status.stdout and " done " in status.stdout and "sent 3/3" in status.stdout
+    assert "routed" in status.stdout and " done " in status.stdout
+    assert "sent 3/3" in status.stdout and "sent 2/2" in status.stdout
 
 
 def test_test_rule_explains_decisions(tmp_path):

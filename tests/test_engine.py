@@ -39,6 +39,7 @@ def test_late_instance_reopens_series_and_results_replace(start_node, tmp_path):
     archive_port = free_port()
     node = start_node(peers(f"{{ae_title: ARCHIVE, host: 127.0.0.1, port: {archive_port}}}") + """
 completion: {quiet_period_s: 1.0, after_release_s: null}
+qc: {no_result_sr: false}  # the refused first run fails, sending nothing (test_no_result_sr.py: the SR)
 rules:
   - {name: chest, match: {Modality: CT}, pipelines: [ct_lung], destinations: [ARCHIVE]}
 """)
@@ -181,6 +182,7 @@ def test_retention_never_removes_unfinished_work(tmp_path):
 def test_input_outside_the_validated_range_is_not_processed_silently(start_node):
     node = start_node(peers() + """
 completion: {quiet_period_s: 0.5}
+qc: {no_result_sr: false}  # refusals fail the job, sending nothing (test_no_result_sr.py: with the SR)
 rules:
   - {name: any-ct, match: {Modality: CT}, pipelines: [ct_lung], destinations: [outbox]}
 """)

@@ -133,6 +133,9 @@ peers:
 completion:
   quiet_period_s: 1.5
   after_release_s: 0.5
+# A series cut short by a kill may be refused by input QC before the re-sent instances re-open it; here it
+# fails as before rather than sending a no-result SR, so Orthanc ends with exactly SEG + SR + SC per study.
+qc: {{no_result_sr: false}}
 rules:
   - name: chest
     match: {{Modality: CT}}

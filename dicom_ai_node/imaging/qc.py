@@ -3,14 +3,32 @@ header values and the manifest's `accepts`, so the reason a series was not proce
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydicom.dataset import Dataset
 
+from dicom_ai_node.imaging.errors import tag_name
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Accepts, Range
 
+# Contrast/Bolus module tags: a header holding any of them (with a value) shows a contrast-enhanced series.
+CONTRAST_TAGS = ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusStartTime")
+# Values some scanners write into ContrastBolusAgent/Route of a series without contrast.
+NO_CONTRAST_VALUES = {"NONE", "NO", "N/A"}
+CONTRAST, NON_CONTRAST = "contrast", "non-contrast"
+
 
 class InputRejected(ValueError):
-    """The input is outside the pipeline's validated range; the message lists every reason."""
+    """The input is outside the pipeline's validated range; the message lists every reason, `reasons` each one.
+
+    Both travel in `args`, so the exception keeps its reasons through pickling (worker processes)."""
+
+    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+        super().__init__(message, tuple(reasons))
+        self.reasons: tuple[str, ...] = tuple(reasons) or (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _number(ds: Dataset, keyword: str) -> float | None:
@@ -31,6 +49,32 @@ def _outside(label: str, value: float | None, allowed: Range | None, unit: str) 
 def _tracer(ds: Dataset) -> str:
     items = ds.get("RadiopharmaceuticalInformationSequence") or []
     return str(items[0].get("Radiopharmaceutical", "")) if items else ""
+
+
+def contrast_evidence(ds: Dataset) -> str | None:
+    """The first Contrast/Bolus tag holding a value (not NONE/NO/N/A): the header says contrast was given."""
+    for keyword in CONTRAST_TAGS:
+        value = str(ds.get(keyword, "") or "").strip()
+        if value and value.upper() not in NO_CONTRAST_VALUES:
+            return keyword
+    return None
+
+
+def contrast_phase(ds: Dataset) -> str:
+    """'contrast' when the header names a contrast agent, route or start time, else 'non-contrast'."""
+    return CONTRAST if contrast_evidence(ds) is not None else NON_CONTRAST
+
+
+def _contrast_problems(header: Dataset, allowed: Sequence[str]) -> list[str]:
+    if not allowed:
+        return []
+    evidence = contrast_evidence(header)
+    phase = CONTRAST if evidence is not None else NON_CONTRAST
+    if phase in allowed:
+        return []
+    why = (f"{tag_name(evidence)} is present" if evidence is not None
+           else "none of " + ", ".join(tag_name(k) for k in CONTRAST_TAGS) + " is present")
+    return [f"contrast phase {phase} ({why}) is not one of {', '.join(allowed)}"]
 
 
 def input_problems(volume: Volume, accepts: Accepts) -> list[str]:
@@ -58,4 +102,5 @@ def input_problems(volume: Volume, accepts: Accepts) -> list[str]:
         if tracer.upper() not in {t.upper() for t in accepts.radiopharmaceutical}:
             problems.append(f"radiopharmaceutical {tracer or 'absent'} is not one of "
                             f"{', '.join(accepts.radiopharmaceutical)}")
+    problems += _contrast_problems(header, accepts.contrast)
     return problems

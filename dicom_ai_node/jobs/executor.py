@@ -1,6 +1,9 @@
 """Executors: where a job (series x pipeline) runs.
 
-A job is: load the series as a Volume -> run the pipeline -> write DICOM results -> validation gate.
+A job is: load the series as a Volume -> input QC -> run the pipeline -> write DICOM results -> validation gate.
+A series that QC refuses (outside the pipeline's validated range, or not a consistent volume) is not run:
+the job fails with every reason, or, when the job asks for it (qc.no_result_sr), its outcome is a validated
+"no result" SR stating why (results/no_result.py), sent like any result.
 `LocalExecutor` runs whole jobs in worker processes (one per GPU, or `workers.count` on CPU), each keeping
 its pipelines warm between jobs. The Ray executor (jobs/ray_executor.py) loads and writes on the node and
 sends only inference to pipeline actors on a Ray cluster. The job store is updated by the caller.
@@ -21,37 +24,16 @@ from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.imaging.qc import InputRejected, input_problems
 from dicom_ai_node.imaging.series import load_series
-from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.imaging.volume import Volume, VolumeError
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.kinds import result_kind_of
+from dicom_ai_node.results.no_result import NOT_A_VOLUME, OUTSIDE_RANGE, build_no_result_sr, read_headers
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import gate
 from dicom_ai_node.results.writer import file_name, write_results
+from dicom_ai_node.runtime.device import admit, gpu_count, select_device
 
 log = logging.getLogger("dicom_ai_node.jobs")
-
-
-def select_device(preference: str, index: int = 0) -> str:
-    """'cuda:<index mod GPUs>' when asked for (or 'auto') and CUDA is usable, else 'cpu'."""
-    if preference == "cpu":
-        return "cpu"
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    if torch.cuda.is_available():
-        return f"cuda:{index % torch.cuda.device_count()}"
-    if preference == "cuda":
-        log.warning("workers.device is cuda but no CUDA device is usable: running on cpu")
-    return "cpu"
-
-
-def gpu_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +50,8 @@ class JobSpec:
     pipeline: str
     instance_paths: tuple[str, ...]
     profiles: tuple[OutputProfile, ...] = (OutputProfile(),)  # one per distinct profile of its destinations
+    series_revision: int = 1  # the version of the series the job runs on (a late instance makes a new one)
+    no_result_sr: bool = False  # answer an input QC refusal with a no-result SR instead of failing
 
 
 @dataclass(frozen=True)
@@ -84,6 +68,8 @@ class ResultFile:
 class JobOutcome:
     files: list[ResultFile]
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: load, infer, write, validate
+    refusal: str = ""  # set when input QC refused the series and `files` is the no-result SR: why, in full
+    reasons: tuple[str, ...] = ()  # each reason of the refusal
 
 
 class Executor(Protocol):
@@ -126,7 +112,50 @@ def check_input(volume: Volume, manifest: Manifest) -> None:
     problems = input_problems(volume, manifest.accepts)
     if problems:
         raise InputRejected(f"input outside the validated range of {manifest.name} {manifest.version}: "
-                            + "; ".join(problems))
+                            + "; ".join(problems), problems)
+
+
+# What input QC refuses with: a series outside the pipeline's validated range, or not a consistent volume
+# (missing or unevenly spaced slices, duplicates, mixed kinds). Any other exception is a failure.
+REFUSALS = (InputRejected, VolumeError)
+
+
+def refusal_reasons(refusal: Exception) -> tuple[str, ...]:
+    return refusal.reasons if isinstance(refusal, InputRejected) else (str(refusal),)
+
+
+def write_no_result_sr(job: JobSpec, manifest: Manifest, config: NodeConfig, refusal: Exception) -> list[ResultFile]:
+    """The no-result SR of a refused job, from its instances' headers, saved under results/job-N and passed
+    through the validation gate; it belongs to every output profile of the job."""
+    headers = read_headers(job.instance_paths)
+    why = OUTSIDE_RANGE if isinstance(refusal, InputRejected) else NOT_A_VOLUME
+    sr = build_no_result_sr(headers, manifest, result_context(config), refusal_reasons(refusal),
+                            revision=job.series_revision, why=why)
+    folder = config.job_results_dir(job.job_id)
+    gate([sr], headers, manifest, folder)
+    return [ResultFile(str(sr.SOPInstanceUID), str(sr.SOPClassUID), folder / file_name(sr), str(sr.Modality),
+                       result_kind_of(sr), frozenset(job.profiles))]
+
+
+def refused_outcome(
+    job: JobSpec, manifest: Manifest, config: NodeConfig, refusal: Exception, stages: dict[str, float],
+) -> JobOutcome:
+    """The outcome of a job whose series input QC refused: its no-result SR when the job asks for one; else
+    the refusal is raised again, and the job fails with its reason. A no-result SR that cannot be made fails
+    the job with the refusal and why the SR could not be made."""
+    if not job.no_result_sr:
+        raise refusal
+    t = time.perf_counter()
+    try:
+        files = write_no_result_sr(job, manifest, config, refusal)
+    except Exception as exc:  # noqa: BLE001 - the refusal stays the job's reason; the SR's failure is added
+        log.error("job %d: no-result SR not written: %s", job.job_id, type(exc).__name__)
+        message = f"{refusal}; no-result SR not written: {type(exc).__name__}: {exc}"
+        raise (InputRejected(message, refusal.reasons) if isinstance(refusal, InputRejected)
+               else VolumeError(message)) from exc
+    stages["no-result-sr"] = time.perf_counter() - t
+    return JobOutcome(files, stages, refusal=f"{type(refusal).__name__}: {refusal}",
+                      reasons=refusal_reasons(refusal))
 
 
 class JobRunner:
@@ -148,9 +177,17 @@ class JobRunner:
     def run(self, job: JobSpec) -> JobOutcome:
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_series([Path(p) for p in job.instance_paths])
+        manifest = self.manifests[job.pipeline]
+        try:
+            volume = load_series([Path(p) for p in job.instance_paths])
+            check_input(volume, manifest)
+        except REFUSALS as refusal:
+            stages["load"] = time.perf_counter() - t
+            return refused_outcome(job, manifest, self.config, refusal, stages)
+        # The memory guard: DeviceBusy puts the job back in the queue (the device is shared with other jobs,
+        # models and processes), before the pipeline is loaded or run.
+        admit(self.device, manifest.gpu_memory_mb if self.device.startswith("cuda") else manifest.host_memory_mb)
         pipeline = self.pipeline(job.pipeline)
-        check_input(volume, pipeline.manifest)
         stages["load"], t = time.perf_counter() - t, time.perf_counter()
         result = pipeline.run(volume, RunContext(device=self.device))
         stages["infer"], t = time.perf_counter() - t, time.perf_counter()

@@ -38,7 +38,15 @@ from pydicom.dataset import Dataset
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import Volume
-from dicom_ai_node.jobs.executor import JobOutcome, JobSpec, check_input, select_device, write_validated_results
+from dicom_ai_node.jobs.executor import (
+    REFUSALS,
+    JobOutcome,
+    JobSpec,
+    check_input,
+    refused_outcome,
+    select_device,
+    write_validated_results,
+)
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 
 try:
@@ -227,8 +235,12 @@ class RayExecutor:
             raise KeyError(f"pipeline {job.pipeline!r} is not loaded (known: {sorted(self._pools)})")
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_series([Path(p) for p in job.instance_paths])
-        check_input(volume, self.manifests[job.pipeline])
+        try:
+            volume = load_series([Path(p) for p in job.instance_paths])
+            check_input(volume, self.manifests[job.pipeline])
+        except REFUSALS as refusal:  # as on the local executor: a no-result SR, or the job fails with the reason
+            stages["load"] = time.perf_counter() - t
+            return refused_outcome(job, self.manifests[job.pipeline], self.config, refusal, stages)
         stages["load"] = time.perf_counter() - t
         try:
             with self._pools[job.pipeline].borrow() as actor:

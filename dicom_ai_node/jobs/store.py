@@ -9,6 +9,7 @@ States
   jobs:   queued -> running -> sending -> done      (running has a lease; after a crash it is re-queued)
                             \\-> failed             (pipeline or validation error; the reason is kept)
                                  sending -> dead-letter when a send is dead; `replay` sends it again
+          input refused by QC with qc.no_result_sr: its no-result SR is sent as above, the reason in last_error
   sends:  queued -> sent | dead                     (dead after the maximum age or attempts)
   destinations: a circuit breaker per destination (closed, or open until a time)
 """
@@ -405,9 +406,9 @@ class JobStore:
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE kind='pipeline' AND (state='queued' OR (state='running' AND lease_until < ?))"
-                " ORDER BY id LIMIT 1",
-                (now,),
+                "SELECT * FROM jobs WHERE kind='pipeline' AND ((state='queued' AND (lease_until IS NULL OR lease_until <= ?))"
+                " OR (state='running' AND lease_until < ?)) ORDER BY id LIMIT 1",
+                (now, now),
             ).fetchone()
             if row is None:
                 return None
@@ -429,9 +430,10 @@ class JobStore:
 
     def finish_job(
         self, job_id: int, sends: list[tuple[str, str, str, str]], stages: dict[str, float] | None = None,
-        now: float | None = None,
+        now: float | None = None, note: str = "",
     ) -> None:
-        """Record a job's results and queue them: sends are (sop_uid, sop_class_uid, path, destination)."""
+        """Record a job's results and queue them: sends are (sop_uid, sop_class_uid, path, destination).
+        `note` is kept as the job's last_error: why a job whose input was refused sent a no-result SR."""
         now = time.time() if now is None else now
         with self._tx() as db:
             for sop_uid, sop_class_uid, path, destination in sends:
@@ -441,8 +443,8 @@ class JobStore:
                     (job_id, sop_uid, sop_class_uid, path, destination, "queued", now, now, now),
                 )
             db.execute(
-                "UPDATE jobs SET state=?, lease_until=NULL, last_error='', stages=?, updated=? WHERE id=?",
-                ("sending" if sends else "done", json.dumps(stages or {}), now, job_id),
+                "UPDATE jobs SET state=?, lease_until=NULL, last_error=?, stages=?, updated=? WHERE id=?",
+                ("sending" if sends else "done", note[:2000], json.dumps(stages or {}), now, job_id),
             )
 
     def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
@@ -459,6 +461,14 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='queued', lease_until=NULL, last_error=?, updated=? WHERE id=?",
                        (error[:2000], now, job_id))
+
+    def defer_job(self, job_id: int, reason: str, until: float, now: float | None = None) -> None:
+        """Back to the queue, not claimable before `until`, the attempt not counted: the device had no room
+        for it (memory guard); `reason` shows in status meanwhile."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts-1, 0), lease_until=?, last_error=?,"
+                       " updated=? WHERE id=?", (until, reason[:2000], now, job_id))
 
     def job(self, job_id: int) -> JobRow | None:
         row = self._db().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()

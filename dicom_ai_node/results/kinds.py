@@ -1,10 +1,12 @@
-"""Which kind of result a written object is (seg, sr, sc, pmap, heatmap_sc, gsps), for destination profiles."""
+"""Which kind of result a written object is (seg, sr, sc, pmap, heatmap_sc, gsps, no_result_sr), for destination
+profiles."""
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.results.gsps import GSPS_SERIES_NUMBER
 from dicom_ai_node.results.heatmap_sc import HEATMAP_SC_SERIES_NUMBER
+from dicom_ai_node.results.no_result import NO_RESULT_SR_SERIES_NUMBER
 from dicom_ai_node.results.pmap import PMAP_SERIES_NUMBER
 from dicom_ai_node.results.sc import SC_SERIES_NUMBER
 from dicom_ai_node.results.seg import SEG_SERIES_NUMBER
@@ -18,6 +20,7 @@ KIND_BY_SERIES_NUMBER = {
     PMAP_SERIES_NUMBER: "pmap",
     HEATMAP_SC_SERIES_NUMBER: "heatmap_sc",
     GSPS_SERIES_NUMBER: "gsps",
+    NO_RESULT_SR_SERIES_NUMBER: "no_result_sr",  # sent instead of results when input QC refused the series
 }
 
 

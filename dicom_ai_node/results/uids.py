@@ -15,6 +15,9 @@ Kinds (the `kind` argument of `derive_result_uid`):
 - ``pmap-series``, ``pmap``: the same for the Parametric Maps of heatmaps; `index` is the heatmap's position
 - ``heatmap-sc-series``, ``heatmap-sc``: the same for the heatmap Secondary Captures; `index` as for pmap
 - ``gsps-series``, ``gsps``: the same for the Grayscale Softcopy Presentation State of detections
+- ``no-result-sr-series``, ``no-result-sr``: the same for the "no result" SR sent when input QC refused the
+  series (no_result.py); `index` of the instance is the series revision, so each received version of the
+  series gets its own report and a retry of one version the same
 - ``tracking``: tracking UIDs that tie a SEG segment to its SR measurement group; `index` is the
   segment number, 0 is the group of series-level measurements
 - ``finding-tracking``: tracking UID of the SR group of a finding that belongs to no segment; `index` is the
@@ -35,6 +38,7 @@ from pydicom.uid import UID, generate_uid
 RESULT_UID_KINDS = frozenset({
     "seg-series", "seg", "sr-series", "sr", "sr-viewer-series", "sr-viewer", "sc-series", "sc", "pmap-series", "pmap",
     "heatmap-sc-series", "heatmap-sc", "gsps-series", "gsps", "tracking", "finding-tracking", "detection-tracking",
+    "no-result-sr-series", "no-result-sr",
 })
 
 # A root of at most 40 characters leaves at least 24 hash digits (about 80 bits) in a 64-character UID,

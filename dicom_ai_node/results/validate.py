@@ -32,7 +32,9 @@ from dicom_ai_node.results.writer import save
 
 LABEL_MAP_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", LABEL_MAP_SEG_CLASS}
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34"}  # Comprehensive 3D SR, what the node writes
+COMPREHENSIVE_3D_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # TID 1500 reports (sr.py, sr_viewer.py)
+COMPREHENSIVE_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # "no result" reports (no_result.py), TID 2000
+SR_CLASSES = {COMPREHENSIVE_3D_SR_CLASS, COMPREHENSIVE_SR_CLASS}
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}
 PM_CLASSES = {"1.2.840.10008.5.1.4.1.1.30"}
 PR_CLASSES = {"1.2.840.10008.5.1.4.1.1.11.1"}  # Grayscale Softcopy Presentation State
@@ -42,6 +44,10 @@ SOURCE_IMAGE_FOR_PROCESSING = "121322"
 OBSERVER_TYPE, DEVICE, DEVICE_OBSERVER_UID = "121005", "121007", "121012"
 REFERENCED_SEGMENT = "121191"
 IMAGING_MEASUREMENTS, MEASUREMENT_GROUP = "126010", "125007"
+# The no-result report: sections Findings / Conclusions, reasons as Finding TEXT items, and the coded
+# statement Summary of Analyses = Not Attempted.
+FINDINGS, FINDING, CONCLUSIONS = "59776-5", "121071", "55110-1"  # LN, DCM, LN (CID 7001, 7002)
+SUMMARY_OF_ANALYSES, NOT_ATTEMPTED = "111065", "111225"
 DCIODVFY_TIMEOUT_S = 120
 # dicom3tools 2022 predates Label Map Segmentation (2024). In a label map it finds no IOD and takes the
 # background segment 0 for a numbering error; in an SR referencing one it refuses the segment number of a
@@ -383,14 +389,45 @@ def item_name(item: Dataset) -> str:
     return "Referenced Segment" if code == REFERENCED_SEGMENT else f"IMAGE item (DCM {code})"
 
 
+def template_problems(ds: Dataset, template_id: str) -> list[str]:
+    templates = ds.get("ContentTemplateSequence", [])
+    if not templates or templates[0].get("TemplateIdentifier") != template_id \
+            or templates[0].get("MappingResource") != "DCMR":
+        return [f"{tag_name('ContentTemplateSequence')} is not DCMR TID {template_id}"]
+    return []
+
+
+def section_items(ds: Dataset, section: str) -> list[Dataset]:
+    """The content items of the root's CONTAINER sections with concept code `section`."""
+    return [item for container in ds.get("ContentSequence", [])
+            if container.get("ValueType") == "CONTAINER" and concept_code(container) == section
+            for item in container.get("ContentSequence", [])]
+
+
+def no_result_content_problems(ds: Dataset) -> list[str]:
+    """A no-result report (Comprehensive SR, TID 2000) states in code that the analysis was not attempted,
+    and gives at least one reason as a Finding TEXT item."""
+    problems = template_problems(ds, "2000")
+    statement = [item for item in section_items(ds, CONCLUSIONS)
+                 if concept_code(item) == SUMMARY_OF_ANALYSES and item.get("ValueType") == "CODE"
+                 and NOT_ATTEMPTED in code_values(item.get("ConceptCodeSequence"))]
+    if not statement:
+        problems.append(f"Conclusions (LN {CONCLUSIONS}) lack Summary of Analyses (DCM {SUMMARY_OF_ANALYSES}) = "
+                        f"Not Attempted (DCM {NOT_ATTEMPTED})")
+    reasons = [item for item in section_items(ds, FINDINGS)
+               if concept_code(item) == FINDING and item.get("ValueType") == "TEXT" and str(item.get("TextValue", ""))]
+    if not reasons:
+        problems.append(f"Findings (LN {FINDINGS}) give no reason as a Finding (DCM {FINDING}) TEXT item")
+    return problems
+
+
 def sr_content_problems(ds: Dataset, seg: Dataset | None) -> list[str]:
     """TID 1500; every Referenced Segment names the SEG, and every IMAGE item naming the SEG (a Referenced
-    Segment, or a measurement's Source of Measurement in the viewer profile) names segments it has."""
-    problems = []
-    templates = ds.get("ContentTemplateSequence", [])
-    if not templates or templates[0].get("TemplateIdentifier") != "1500" \
-            or templates[0].get("MappingResource") != "DCMR":
-        problems.append(f"{tag_name('ContentTemplateSequence')} is not DCMR TID 1500")
+    Segment, or a measurement's Source of Measurement in the viewer profile) names segments it has. A
+    Comprehensive SR is the node's no-result report, checked as one (no_result_content_problems)."""
+    if ds.get("SOPClassUID") == COMPREHENSIVE_SR_CLASS:
+        return no_result_content_problems(ds)
+    problems = template_problems(ds, "1500")
     if seg is None:
         return problems
     segment_numbers = {int(s.SegmentNumber) for s in seg.get("SegmentSequence", [])}
@@ -464,11 +501,17 @@ READERS: dict[str, Callable[[Dataset], object]] = {
 }
 
 
+def reader_of(ds: Dataset, kind: str) -> Callable[[Dataset], object]:
+    if ds.get("SOPClassUID") == COMPREHENSIVE_SR_CLASS:
+        return hd.sr.ComprehensiveSR.from_dataset
+    return READERS[kind]
+
+
 def readback_problems(ds: Dataset, kind: str) -> list[str]:
     try:
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        READERS[kind](pydicom.dcmread(BytesIO(buffer.getvalue())))
+        reader_of(ds, kind)(pydicom.dcmread(BytesIO(buffer.getvalue())))
     except Exception as exc:  # noqa: BLE001 - any failure to read back is the finding
         # Only the exception type: messages of readers can quote element values (PHI).
         return [f"highdicom cannot read the {kind} back ({type(exc).__name__})"]
