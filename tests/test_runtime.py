@@ -2,6 +2,7 @@
 zoo-layout bundle, bare TorchScript and ONNX exports, AMP and torch.compile paths, the memory guard."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -270,3 +271,26 @@ def test_compile_at_start_up_gives_the_same_answer(classifier, tmp_path):
     eager = classifier.bundle
     data = eager.preprocess(volume, tmp_path)
     assert torch.allclose(compiled.infer(data), eager.infer(data), atol=1e-2 if DEVICE.startswith("cuda") else 1e-4)
+
+
+def test_generic_pipeline_runs_a_bare_onnx_model(nodule_case, tmp_path):
+    """pipeline.yaml with `model: {format: onnx}` and no code: the node feeds the ONNX file by sliding window."""
+    volume, _ = nodule_case
+    folder = tmp_path / "onnx_pipeline"
+    folder.mkdir()
+    network = MonaiBundle(NODULE_BUNDLE, "cpu").module
+    torch.onnx.export(network, torch.zeros(1, 1, 32, 64, 64), str(folder / "model.onnx"), dynamo=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    manifest = GENERIC_MANIFEST.format(labels=NODULE_LABEL).replace(
+        "format: monai_bundle\n  path: bundle",
+        "format: onnx\n  path: model.onnx\n  roi_size: [32, 64, 64]\n  intensity_window: [-1000, 400]")
+    (folder / "pipeline.yaml").write_text(manifest)
+    pipeline = instantiate(load_manifest(folder))
+    pipeline.load("cpu")
+    array = volume.array[:40, :80, :80]
+    small = dataclasses.replace(volume, array=array, sources=volume.sources[:40])
+    result = pipeline.run(small, RunContext())
+    expected = BareModel(folder / "model.onnx", load_manifest(folder).model, "cpu").labels(array)
+    [segment] = result.segments
+    assert np.array_equal(segment.mask, expected == 1)
