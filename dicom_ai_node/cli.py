@@ -156,7 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         sends = store.sends(j.id)
         sent = sum(x.state == "sent" for x in sends)
         progress = f" sent {sent}/{len(sends)}" if sends else ""
-        error = f"  error: {j.last_error}" if j.last_error else ""
+        label = "waiting" if j.state == "queued" else "error"  # a queued job's reason: the memory guard
+        error = f"  {label}: {j.last_error}" if j.last_error else ""
         print(f"  #{j.id:<5} {j.state:<11} {j.pipeline:<14} series {j.series_uid} attempts {j.attempts}{progress}{error}")
     dead = [s for s in store.sends() if s.state == "dead"]
     print(f"DEAD-LETTER ({len(dead)}; `dicom-ai-node replay` sends them again)")
