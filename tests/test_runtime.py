@@ -294,3 +294,21 @@ def test_generic_pipeline_runs_a_bare_onnx_model(nodule_case, tmp_path):
     expected = BareModel(folder / "model.onnx", load_manifest(folder).model, "cpu").labels(array)
     [segment] = result.segments
     assert np.array_equal(segment.mask, expected == 1)
+
+
+def test_spleen_zoo_example_manifest_fits_a_zoo_bundle(tmp_path):
+    """deploy/examples/spleen_ct_segmentation/pipeline.yaml beside a bundle laid out as the zoo's (its
+    metadata's channel_def names the spleen) loads without code: the labels it codes match the bundle's."""
+    folder = tmp_path / "spleen_ct_segmentation"
+    folder.mkdir()
+    shutil.copy(REPO / "deploy" / "examples" / "spleen_ct_segmentation" / "pipeline.yaml", folder)
+    bundle = zoo_style_copy(tmp_path)
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "background", "1": "spleen"}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    bundle.rename(folder / "bundle")
+    manifest = load_manifest(folder)
+    assert manifest.entrypoint is None and manifest.model.labels[1].type.meaning == "Spleen"
+    pipeline = instantiate(manifest)
+    pipeline.load("cpu")
+    assert pipeline.bundle.meta.channels[1] == "spleen"
