@@ -68,6 +68,18 @@ def timed(run, device: str, repeats: int) -> tuple[float, torch.Tensor]:
     return best, output
 
 
+def plain_monai(x: torch.Tensor, window: torch.Tensor, device: str, repeats: int) -> tuple[float, torch.Tensor]:
+    """The reference: MONAI's sliding_window_inference with its defaults, fp32, on an eager network."""
+    from monai.inferers import sliding_window_inference
+
+    network = spleen_unet().to(device).eval()
+    with torch.no_grad():
+        network(window.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        return timed(lambda: sliding_window_inference(x.to(device), (96, 96, 96), 1, network).cpu(), device, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -76,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cpu-amp", action="store_true", help="also time bfloat16 autocast on CPU")
     args = parser.parse_args()
-    from monai.inferers import SlidingWindowInferer, sliding_window_inference
+    from monai.inferers import SlidingWindowInferer
 
     from dicom_ai_node.runtime.infer import prepare_network, run_inferer
 
@@ -86,16 +98,9 @@ def main() -> None:
     window = torch.zeros(1, 1, 96, 96, 96)
     rows = []
 
-    reference_net = spleen_unet().to(device).eval()
-    with torch.no_grad():
-        reference_net(window.to(device))
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        seconds, reference = timed(
-            lambda: sliding_window_inference(x.to(device), (96, 96, 96), 1, reference_net).cpu(), device, args.repeats)
+    seconds, reference = plain_monai(x, window, device, args.repeats)
     reference_labels = reference.argmax(1)
     rows.append(("plain MONAI fp32 (reference)", seconds, peak_memory_mb(device), 1.0))
-    del reference_net
 
     variants = [("node runtime", False)] + ([("node runtime, CPU bf16", True)] if args.cpu_amp and device == "cpu" else [])
     for name, cpu_amp in variants:

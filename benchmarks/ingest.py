@@ -1,11 +1,19 @@
 """Ingest benchmark: DCMTK storescu sends the same files to DCMTK storescp and to the node.
 
-Prints images/s and MB/s for both and the ratio node / storescp, with 1 and 4 concurrent associations,
-for small instances (pydicom's CT_small, re-UIDed) and 512x512 CT slices (the phantom), plus the node's
-peak RSS. The node runs as `dicom-ai-node serve` with no rules, so only receiving is measured; it fsyncs
-every instance before acknowledging it, which storescp does not do (the ratio shows that price).
+For small instances (pydicom's CT_small, re-UIDed) and 512x512 CT slices (the phantom, re-UIDed), with 1
+and 4 concurrent associations (storescu processes), it prints images/s and MB/s of
+- storescp: plain `storescp --fork`, which fsyncs nothing (the issue's reference);
+- storescp+fsync: the same with an LD_PRELOAD shim (built here with cc, skipped without one) that
+  fdatasyncs every file storescp writes and fsyncs its folder before storescp answers: a like-for-like
+  reference for the node, which makes each instance durable before acknowledging it (file, folder and
+  its row in the SQLite WAL);
+- the node: `dicom-ai-node serve` with no rules, so only receiving is measured;
+and the ratios node/storescp and node/storescp+fsync. Each figure is the median of --repeat runs, the
+three servers taking turns. The node's peak RSS is reported per row, and with --big-gb the node receives
+one study of that size (512x512 slices, 4 associations) while its RSS is sampled: idle, peak, peak above
+idle.
 
-    .venv/bin/python benchmarks/ingest.py [--small 400] [--large 120]
+    .venv/bin/python benchmarks/ingest.py [--small 1000] [--large 300] [--repeat 3] [--big-gb 2]
 """
 from __future__ import annotations
 
@@ -13,9 +21,11 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +38,38 @@ sys.path.insert(0, str(REPO))
 from dicom_ai_node.phantom import make_chest_phantom  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+SHIM = r"""
+/* fdatasync every regular file the program wrote, then fsync its folder, when the file is closed */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void make_durable(int fd) {
+    struct stat st;
+    int mode = fcntl(fd, F_GETFL);
+    if (mode < 0 || (mode & O_ACCMODE) == O_RDONLY || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return;
+    fdatasync(fd);
+    char link[64], path[PATH_MAX];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return;
+    path[n] = 0;
+    int dir = open(dirname(path), O_RDONLY | O_DIRECTORY);
+    if (dir >= 0) { fsync(dir); close(dir); }
+}
+
+int fclose(FILE *stream) {
+    static int (*real_fclose)(FILE *) = NULL;
+    if (!real_fclose) real_fclose = (int (*)(FILE *))dlsym(RTLD_NEXT, "fclose");
+    if (stream) { fflush(stream); make_durable(fileno(stream)); }
+    return real_fclose(stream);
+}
+"""
 
 
 def free_ports(count: int) -> list[int]:
@@ -42,7 +84,7 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def wait_port(port: int, timeout: float = 60) -> None:
+def wait_port(port: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         with socket.socket() as s:
@@ -52,23 +94,43 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def small_files(folder: Path, count: int) -> list[Path]:
-    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+def replicate(sources: list[Path], folder: Path, count: int) -> list[Path]:
+    """`count` instances of one new series, cycling through `sources`, each with its own SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets = [pydicom.dcmread(p) for p in sources]
     series = generate_uid()
     paths = []
     for i in range(count):
-        source.SeriesInstanceUID = series
-        source.SOPInstanceUID = generate_uid()
-        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
-        path = folder / f"small{i:05d}.dcm"
-        source.save_as(path)
+        ds = datasets[i % len(datasets)]
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = folder / f"{i:06d}.dcm"
+        ds.save_as(path)
         paths.append(path)
     return paths
 
 
+def small_files(folder: Path, count: int) -> list[Path]:
+    return replicate([Path(get_testdata_file("CT_small.dcm"))], folder, count)
+
+
 def large_files(folder: Path, count: int) -> list[Path]:
-    return make_chest_phantom(slices=count, size=512, pixel_spacing_mm=0.75, slice_thickness_mm=2.5,
-                              uid_seed=f"bench-{time.time()}").write(folder)
+    base = make_chest_phantom(slices=min(count, 40), size=512, pixel_spacing_mm=0.75, slice_thickness_mm=2.5,
+                              uid_seed=f"bench-{time.time()}").write(folder / "base")
+    return replicate(base, folder / "series", count)
+
+
+def build_shim(work: Path) -> Path | None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source, library = work / "fsync_on_close.c", work / "fsync_on_close.so"
+    source.write_text(SHIM)
+    result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+                            capture_output=True, text=True)
+    return library if result.returncode == 0 else None
 
 
 def send(port: int, ae_title: str, files: list[Path], parallel: int) -> float:
@@ -77,63 +139,152 @@ def send(port: int, ae_title: str, files: list[Path], parallel: int) -> float:
     start = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", ae_title, "127.0.0.1", str(port), *map(str, c)],
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
+    failures = []
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+            failures.append(err.decode()[-500:])
+    if failures:
+        raise RuntimeError(f"storescu failed: {failures[0]}")
     return time.perf_counter() - start
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS:") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--small", type=int, default=400, help="number of CT_small instances")
-    parser.add_argument("--large", type=int, default=120, help="number of 512x512 slices")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+class Storescp:
+    def __init__(self, work: Path, shim: Path | None = None) -> None:
+        self.out = work / "storescp"
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        self.port = free_ports(1)[0]
+        env = {**ENV, "LD_PRELOAD": str(shim)} if shim else ENV
+        self.process = subprocess.Popen(["storescp", "-aet", "REF", "-od", str(self.out), "--fork", str(self.port)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+class Node:
+    def __init__(self, work: Path) -> None:
+        self.data = work / "node"
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.port = free_ports(1)[0]
+        config = work / "node.yaml"
+        config.write_text(f"node: {{port: {self.port}, bind_address: 127.0.0.1, data_dir: {self.data}, "
+                          f"min_free_disk_mb: 1, ae_title: NODE}}\nrules: []\n")
+        self.process = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config)],
+                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        time.sleep(1.0)  # let start-up settle before the idle RSS is read
+        self.idle_rss = rss_mb(self.process.pid)
+
+    def peak_rss(self) -> float:
+        return rss_mb(self.process.pid, "VmHWM:")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def measure(work: Path, files: list[Path], parallel: int, repeat: int, shim: Path | None) -> dict[str, float]:
+    seconds: dict[str, list[float]] = {"storescp": [], "storescp+fsync": [], "node": []}
+    peak = 0.0
+    for _ in range(repeat):
+        for name in seconds:
+            if name == "node":
+                node = Node(work)
+                try:
+                    seconds[name].append(send(node.port, "NODE", files, parallel))
+                    peak = max(peak, node.peak_rss())
+                finally:
+                    node.stop()
+            elif name == "storescp" or shim is not None:
+                reference = Storescp(work, shim if name == "storescp+fsync" else None)
+                try:
+                    seconds[name].append(send(reference.port, "REF", files, parallel))
+                finally:
+                    reference.stop()
+    result = {name: statistics.median(s) for name, s in seconds.items() if s}
+    result["peak_rss"] = peak
+    return result
+
+
+def big_study(work: Path, gigabytes: float, parallel: int = 4) -> tuple[int, float, float, float, float, float]:
+    """(instances, MB, seconds, idle RSS, peak RSS, highest sampled RSS) for one study of that size."""
+    count = max(1, int(gigabytes * 1e9 / (512 * 512 * 2 + 4000)))
+    files = large_files(work / "big", count)
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    node = Node(work)
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append(rss_mb(node.process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     try:
-        (work / "small").mkdir()
+        seconds = send(node.port, "NODE", files, parallel)
+        done.set()
+        sampler.join()
+        return count, megabytes, seconds, node.idle_rss, node.peak_rss(), max(samples, default=float("nan"))
+    finally:
+        done.set()
+        node.stop()
+        shutil.rmtree(work / "big", ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=1000, help="number of CT_small instances")
+    parser.add_argument("--large", type=int, default=300, help="number of 512x512 slices")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is shown)")
+    parser.add_argument("--big-gb", type=float, default=0.0, help="also receive one study of this many GB "
+                        "(512x512 slices, 4 associations) and report the node's RSS; 0: skip")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.work))
+    try:
+        shim = build_shim(work)
         datasets = {"CT_small": small_files(work / "small", args.small),
                     "512x512 CT": large_files(work / "large", args.large)}
         rows = []
         for label, files in datasets.items():
             megabytes = sum(p.stat().st_size for p in files) / 1e6
             for parallel in (1, 4):
-                ref_dir, node_dir = work / "storescp", work / "node"
-                shutil.rmtree(ref_dir, ignore_errors=True)
-                shutil.rmtree(node_dir, ignore_errors=True)
-                ref_dir.mkdir()
-                ref_port, node_port = free_ports(2)
-                reference = subprocess.Popen(["storescp", "-aet", "REF", "-od", str(ref_dir), "--fork", str(ref_port)],
-                                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                config = work / "node.yaml"
-                config.write_text(f"node: {{port: {node_port}, bind_address: 127.0.0.1, data_dir: {node_dir}, "
-                                  f"min_free_disk_mb: 1, ae_title: NODE}}\nrules: []\n")
-                node = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    wait_port(ref_port)
-                    wait_port(node_port)
-                    ref_s = send(ref_port, "REF", files, parallel)
-                    node_s = send(node_port, "NODE", files, parallel)
-                    rss = peak_rss_mb(node.pid)
-                finally:
-                    for p in (reference, node):
-                        p.terminate()
-                        p.wait(timeout=30)
-                n = len(files)
-                rows.append((label, parallel, n / ref_s, n / node_s, megabytes / ref_s, megabytes / node_s, rss))
-        print(f"{'data':<11} {'assoc':>5} {'storescp img/s':>15} {'node img/s':>11} {'ratio':>6} "
-              f"{'storescp MB/s':>14} {'node MB/s':>10} {'node peak RSS MB':>17}")
-        for label, parallel, ref_ips, node_ips, ref_mbs, node_mbs, rss in rows:
-            print(f"{label:<11} {parallel:>5} {ref_ips:>15.1f} {node_ips:>11.1f} {node_ips / ref_ips:>6.2f} "
-                  f"{ref_mbs:>14.1f} {node_mbs:>10.1f} {rss:>17.0f}")
+                result = measure(work, files, parallel, args.repeat, shim)
+                rows.append((label, parallel, len(files), megabytes, result))
+        header = (f"{'data':<11} {'assoc':>5} {'storescp img/s':>14} {'+fsync img/s':>12} {'node img/s':>10} "
+                  f"{'ratio':>6} {'ratio fsync':>11} {'storescp MB/s':>13} {'+fsync MB/s':>11} {'node MB/s':>9} "
+                  f"{'node peak RSS MB':>16}")
+        print(header)
+        for label, parallel, n, megabytes, r in rows:
+            fsync_s = r.get("storescp+fsync")
+            fsync_ips = f"{n / fsync_s:12.1f}" if fsync_s else f"{'-':>12}"
+            fsync_mbs = f"{megabytes / fsync_s:11.1f}" if fsync_s else f"{'-':>11}"
+            fsync_ratio = f"{fsync_s / r['node']:11.2f}" if fsync_s else f"{'-':>11}"
+            print(f"{label:<11} {parallel:>5} {n / r['storescp']:14.1f} {fsync_ips} {n / r['node']:10.1f} "
+                  f"{r['storescp'] / r['node']:6.2f} {fsync_ratio} {megabytes / r['storescp']:13.1f} {fsync_mbs} "
+                  f"{megabytes / r['node']:9.1f} {r['peak_rss']:16.0f}")
+        if shim is None:
+            print("(no C compiler: storescp+fsync not measured)")
+        if args.big_gb > 0:
+            count, megabytes, seconds, idle, peak, sampled = big_study(work, args.big_gb)
+            print(f"\nbig study: {count} slices, {megabytes / 1e3:.2f} GB in {seconds:.1f} s "
+                  f"({count / seconds:.1f} img/s, {megabytes / seconds:.1f} MB/s, 4 associations); node RSS idle "
+                  f"{idle:.0f} MB, peak {peak:.0f} MB (highest sample {sampled:.0f} MB), peak above idle "
+                  f"{peak - idle:.0f} MB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -189,6 +189,24 @@ class InstanceRow:
     header: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance the receiver has made durable in the spool, to be recorded in the store."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    series_uid: str
+    study_uid: str
+    calling_ae: str
+    path: str
+    size: int
+    header: dict[str, Any]
+    association_id: str | None = None
+    expected_instances: int | None = None
+    received: float = field(default_factory=time.time)
+
+
 def _series(row: sqlite3.Row) -> SeriesRow:
     return SeriesRow(
         row["series_uid"], row["study_uid"], row["calling_ae"], row["modality"], row["state"], row["instances"],
@@ -279,46 +297,70 @@ class JobStore:
         expected_instances: int | None = None, now: float | None = None,
     ) -> bool:
         """Record a stored instance; returns True when it re-opened a series that was already processed."""
-        now = time.time() if now is None else now
-        modality = str(header.get("Modality", ""))
+        instance = ReceivedInstance(sop_uid, sop_class_uid, transfer_syntax_uid, series_uid, study_uid, calling_ae,
+                                    path, size, header, association_id, expected_instances,
+                                    time.time() if now is None else now)
         with self._tx() as db:
-            row = db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-            reopened = False
-            if row is None:
-                db.execute(
-                    "INSERT INTO series(series_uid, study_uid, calling_ae, modality, state, first_received,"
-                    " last_received, last_association, header, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (series_uid, study_uid, calling_ae, modality, "receiving", now, now, association_id,
-                     json.dumps(header), now),
-                )
-            elif row["state"] == "receiving":
-                db.execute("UPDATE series SET last_received=?, last_association=?, updated=? WHERE series_uid=?",
-                           (now, association_id, now, series_uid))
-            else:
-                # A late instance: the series is assembled again and re-run; results keep their UIDs
-                # (derived from the series and pipeline), so the new ones replace the old ones at the PACS.
-                reopened = True
-                db.execute(
-                    "UPDATE series SET state='receiving', revision=revision+1, last_received=?, last_association=?,"
-                    " updated=?, purged=0, note='re-opened by a late instance' WHERE series_uid=?",
-                    (now, association_id, now, series_uid),
-                )
-            is_new = db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is None
+            return self._record(db, instance)
+
+    def record_instances(self, batch: list[ReceivedInstance]) -> list[bool | Exception]:
+        """Record several stored instances in one transaction, so one fsync of the WAL makes all of them
+        durable (the receiver's group commit). Each gets its outcome: re-opened (bool) or the error. When
+        the transaction fails, each instance is retried alone, so one bad row fails only its own C-STORE."""
+        try:
+            with self._tx() as db:
+                return [self._record(db, instance) for instance in batch]
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, each with its own outcome
+            if len(batch) == 1:
+                return [exc]
+        outcomes: list[bool | Exception] = []
+        for instance in batch:
+            try:
+                with self._tx() as db:
+                    outcomes.append(self._record(db, instance))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting C-STORE
+                outcomes.append(exc)
+        return outcomes
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, instance: ReceivedInstance) -> bool:
+        i, now = instance, instance.received
+        row = db.execute("SELECT state FROM series WHERE series_uid=?", (i.series_uid,)).fetchone()
+        if row is None:
             db.execute(
-                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, header,"
-                " received) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path,"
-                " size=excluded.size, received=excluded.received, header=excluded.header,"
-                " transfer_syntax_uid=excluded.transfer_syntax_uid",
-                (sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, json.dumps(header), now),
+                "INSERT INTO series(series_uid, study_uid, calling_ae, modality, state, first_received,"
+                " last_received, last_association, header, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (i.series_uid, i.study_uid, i.calling_ae, str(i.header.get("Modality", "")), "receiving", now, now,
+                 i.association_id, json.dumps(i.header), now),
             )
-            # Counted incrementally: a COUNT(*) per instance would make a 5000-slice series quadratic.
+        header = json.dumps(i.header)
+        is_new = db.execute(
+            "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, header,"
+            " received) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING",
+            (i.sop_uid, i.series_uid, i.sop_class_uid, i.transfer_syntax_uid, i.path, i.size, header, now),
+        ).rowcount == 1
+        if not is_new:  # sent again: the new copy replaces the old one
+            db.execute("UPDATE instances SET path=?, size=?, received=?, header=?, transfer_syntax_uid=?"
+                       " WHERE sop_uid=?", (i.path, i.size, now, header, i.transfer_syntax_uid, i.sop_uid))
+        # Counted incrementally: a COUNT(*) per instance would make a 5000-slice series quadratic.
+        reopened = row is not None and row["state"] != "receiving"
+        if reopened:
+            # A late instance: the series is assembled again and re-run; results keep their UIDs
+            # (derived from the series and pipeline), so the new ones replace the old ones at the PACS.
             db.execute(
-                "UPDATE series SET instances=instances+?, expected_instances=COALESCE(?, expected_instances)"
-                " WHERE series_uid=?",
-                (1 if is_new else 0, expected_instances, series_uid),
+                "UPDATE series SET state='receiving', revision=revision+1, last_received=?, last_association=?,"
+                " updated=?, purged=0, note='re-opened by a late instance', instances=instances+?,"
+                " expected_instances=COALESCE(?, expected_instances) WHERE series_uid=?",
+                (now, i.association_id, now, int(is_new), i.expected_instances, i.series_uid),
             )
-            if association_id is not None:
-                db.execute("UPDATE associations SET instances=instances+1 WHERE id=?", (association_id,))
+        else:
+            db.execute(
+                "UPDATE series SET last_received=?, last_association=?, updated=?, instances=instances+?,"
+                " expected_instances=COALESCE(?, expected_instances) WHERE series_uid=?",
+                (now, i.association_id, now, int(is_new), i.expected_instances, i.series_uid),
+            )
+        if i.association_id is not None:
+            db.execute("UPDATE associations SET instances=instances+1 WHERE id=?", (i.association_id,))
         return reopened
 
     # -- assemble / route ------------------------------------------------------------------------------

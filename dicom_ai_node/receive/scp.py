@@ -1,8 +1,11 @@
 """The DICOM listener: association policy, C-ECHO, and C-STORE into the durable spool.
 
-An instance is answered 0x0000 only after it is fsynced in the spool and recorded in the job store; any
-failure before that gets a failure status, so the sender keeps its copy and retries. Handlers are small
-functions bound to pynetdicom events, as pynetdicom recommends.
+An instance is answered 0x0000 only after its file is fdatasynced and renamed into the spool, its folder
+fsynced and its row committed in the job store; any failure before that gets a failure status, so the
+sender keeps its copy and retries. The association runs on `ul.Acceptor` (blocking I/O, a thread per
+association), the dataset goes to the spool as it arrives and is checked without being decoded
+(`spool.IncomingInstance`), and the folder fsyncs and row commits of instances that several associations
+deliver at the same moment are shared (`groupcommit.GroupCommit`).
 """
 from __future__ import annotations
 
@@ -13,17 +16,17 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import AllTransferSyntaxes, UID
 
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig, Peer
-from dicom_ai_node.jobs.store import JobStore
-from dicom_ai_node.net import set_tcp_nodelay
-from dicom_ai_node.spool import InvalidInstance, parse_instance, store_instance
+from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
+from dicom_ai_node.receive.groupcommit import GroupCommit
+from dicom_ai_node.receive.ul import REJECT_CALLING_AE, Acceptor, Association, StoreRequest
+from dicom_ai_node.spool import IncomingInstance, InvalidInstance
 
 log = logging.getLogger("dicom_ai_node.receive")
 
@@ -32,9 +35,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
 
-REJECT_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -48,6 +48,13 @@ def decodable_transfer_syntaxes() -> list[UID]:
         except NotImplementedError:
             continue
     return out
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Every storage SOP class with every decodable transfer syntax, and Verification."""
+    syntaxes = decodable_transfer_syntaxes()
+    contexts = [build_context(sop_class, syntaxes) for sop_class in _STORAGE_CLASSES.values()]
+    return contexts + [build_context(Verification)]
 
 
 @dataclass(frozen=True)
@@ -90,108 +97,142 @@ class Receiver:
         self.store = store
         self.audit = audit
         self.policy = AssociationPolicy.from_config(config)
-        self.ae = self._build_ae()
-        self.server: ThreadedAssociationServer | None = None
-
-    def _build_ae(self) -> AE:
-        node = self.config.node
-        ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
-        ae.maximum_pdu_size = node.max_pdu_bytes
-        ae.network_timeout = node.network_timeout_s
-        ae.require_called_aet = not node.accept_any_called_ae
-        syntaxes = decodable_transfer_syntaxes()
-        for sop_class in _STORAGE_CLASSES.values():
-            ae.add_supported_context(sop_class, syntaxes)
-        ae.add_supported_context(Verification)
-        return ae
+        self.contexts = supported_contexts()
+        self.group_commit = GroupCommit(store)
+        self.acceptor: Acceptor | None = None
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
+        assert self.acceptor is not None
+        return self.acceptor.port
 
     def start(self) -> None:
         node = self.config.node
-        handlers = [
-            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_C_ECHO, _on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
-        self.server = self.ae.start_server((node.bind_address, node.port), block=False, evt_handlers=handlers)
+        self.config.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.acceptor = Acceptor(
+            node.bind_address, node.port, self, self.contexts, ae_title=node.ae_title,
+            require_called_ae=not node.accept_any_called_ae, max_associations=node.max_associations,
+            max_pdu=node.max_pdu_bytes, timeout_s=node.network_timeout_s,
+        )
+        self.acceptor.start()
         if not self.policy.peers:
             log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
         log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        if self.acceptor is not None:
+            self.acceptor.stop()
+            self.acceptor = None
 
-    def _on_requested(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive holds the calling AE (pynetdicom copies it later).
-        calling_ae = str(requestor.primitive.calling_ae_title).strip()
-        reason = self.policy.refusal(calling_ae, requestor.address)
-        if reason is not None:
-            log.warning("association rejected: %s", reason)
-            self.audit.write("association-rejected", calling_ae=calling_ae, address=requestor.address, reason=reason)
-            event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLING_AE_NOT_RECOGNISED)
-            # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before the
-            # server closes the socket, or the peer sees an abort instead of a rejection.
-            event.assoc.kill()
+    # -- ul.Service ------------------------------------------------------------------------------------
 
-    def _on_accepted(self, event: evt.Event) -> None:
+    def refusal(self, assoc: Association) -> tuple[int, int, int] | None:
+        reason = self.policy.refusal(assoc.calling_ae, assoc.address)
+        if reason is None:
+            return None
+        log.warning("association rejected: %s", reason)
+        self.audit.write("association-rejected", calling_ae=assoc.calling_ae, address=assoc.address, reason=reason)
+        return REJECT_CALLING_AE
+
+    def opened(self, assoc: Association) -> None:
         # Each association gets an id so its release can tell the assembler a sender has finished.
-        association_id = uuid.uuid4().hex
-        event.assoc.node_association_id = association_id
-        requestor = event.assoc.requestor
-        self.store.association_opened(association_id, requestor.ae_title.strip(), requestor.address)
+        assoc.state["id"] = uuid.uuid4().hex
+        self.store.association_opened(assoc.state["id"], assoc.calling_ae, assoc.address)
 
-    def _on_released(self, event: evt.Event) -> None:
-        association_id = getattr(event.assoc, "node_association_id", None)
-        if association_id is not None:
-            self.store.association_released(association_id)
+    def released(self, assoc: Association) -> None:
+        if "id" in assoc.state:
+            self.store.association_released(assoc.state["id"])
 
-    def _on_store(self, event: evt.Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title.strip()
-        request = event.request
-        sop_uid = str(request.AffectedSOPInstanceUID)
-        spool = self.config.spool_dir
-        min_free = self.config.node.min_free_disk_mb * 1024 * 1024
-        try:
-            spool.mkdir(parents=True, exist_ok=True)
-            if shutil.disk_usage(spool).free < min_free:
-                log.error("C-STORE %s refused: free disk below %d MB", sop_uid, self.config.node.min_free_disk_mb)
-                return STATUS_OUT_OF_RESOURCES
-            raw = event.encoded_dataset()
-            if len(raw) > self.config.node.max_instance_mb * 1024 * 1024:
-                log.error("C-STORE %s refused: %d bytes exceeds max_instance_mb", sop_uid, len(raw))
-                return STATUS_OUT_OF_RESOURCES
-            header = parse_instance(raw, str(request.AffectedSOPClassUID), sop_uid)
-        except InvalidInstance as exc:
-            log.error("C-STORE %s from %s refused: %s", sop_uid, calling_ae, exc)
-            self.audit.write("instance-refused", calling_ae=calling_ae, sop_uid=sop_uid, reason=str(exc))
-            return STATUS_CANNOT_UNDERSTAND
-        try:
-            path = store_instance(spool, header, raw)
-            self.store.record_instance(
-                sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
-                study_uid=header.study_uid, calling_ae=calling_ae, path=str(path), size=len(raw),
-                header=header.routing_header, association_id=getattr(event.assoc, "node_association_id", None),
-            )
-        except OSError as exc:  # disk full, permissions: the sender keeps its copy and retries
-            log.error("C-STORE %s not stored: %s", sop_uid, exc.strerror or exc)
-            return STATUS_OUT_OF_RESOURCES
-        except Exception:  # noqa: BLE001 - anything else must still answer, never kill the association
-            log.exception("C-STORE %s not stored", sop_uid)
-            return STATUS_PROCESSING_FAILURE
+    def echo(self, assoc: Association) -> int:
         return STATUS_SUCCESS
 
+    def begin_store(self, assoc: Association, request: StoreRequest, transfer_syntax: str) -> "_IncomingStore":
+        return _IncomingStore(self, assoc, request, transfer_syntax)
 
-def _on_echo(event: evt.Event) -> int:
-    return STATUS_SUCCESS
+
+class _IncomingStore:
+    """One C-STORE: its dataset goes to the spool as it arrives; `finish` answers once it is durable."""
+
+    def __init__(self, receiver: Receiver, assoc: Association, request: StoreRequest, transfer_syntax: str) -> None:
+        self.receiver = receiver
+        self.assoc = assoc
+        self.sop_uid = request.sop_instance_uid
+        self.status = STATUS_SUCCESS
+        self.incoming: IncomingInstance | None = None
+        node = receiver.config.node
+        self.max_bytes = node.max_instance_mb * 1024 * 1024
+        spool = receiver.config.spool_dir
+        try:
+            if shutil.disk_usage(spool).free < node.min_free_disk_mb * 1024 * 1024:
+                log.error("C-STORE %s refused: free disk below %d MB", self.sop_uid, node.min_free_disk_mb)
+                self.status = STATUS_OUT_OF_RESOURCES
+                return
+            try:
+                self.incoming = IncomingInstance(spool, request.sop_class_uid, self.sop_uid, transfer_syntax,
+                                                 assoc.calling_ae)
+            except FileNotFoundError:  # the spool folder was removed under us
+                spool.mkdir(parents=True, exist_ok=True)
+                self.incoming = IncomingInstance(spool, request.sop_class_uid, self.sop_uid, transfer_syntax,
+                                                 assoc.calling_ae)
+        except OSError as exc:
+            log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
+            self.status = STATUS_OUT_OF_RESOURCES
+
+    def _drop(self, status: int) -> None:
+        self.status = status
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None
+
+    def write(self, data: memoryview) -> None:
+        if self.incoming is None:
+            return  # refused already: the rest of the dataset is read and dropped
+        if self.incoming.dataset_size + len(data) > self.max_bytes:
+            log.error("C-STORE %s refused: more than max_instance_mb (%d MB)", self.sop_uid,
+                      self.receiver.config.node.max_instance_mb)
+            self._drop(STATUS_OUT_OF_RESOURCES)
+            return
+        try:
+            self.incoming.write(data)
+        except OSError as exc:  # disk full, permissions: the sender keeps its copy and retries
+            log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
+            self._drop(STATUS_OUT_OF_RESOURCES)
+
+    def abandon(self) -> None:
+        self._drop(STATUS_PROCESSING_FAILURE)
+
+    def finish(self) -> int:
+        incoming, self.incoming = self.incoming, None
+        if incoming is None:
+            return self.status
+        receiver, calling_ae = self.receiver, self.assoc.calling_ae
+        try:
+            path, header = incoming.commit(sync_folder=False)  # the group commit syncs the folder
+        except InvalidInstance as exc:
+            incoming.discard()
+            log.error("C-STORE %s from %s refused: %s", self.sop_uid, calling_ae, exc)
+            receiver.audit.write("instance-refused", calling_ae=calling_ae, sop_uid=self.sop_uid, reason=str(exc))
+            return STATUS_CANNOT_UNDERSTAND
+        except OSError as exc:
+            incoming.discard()
+            log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:  # noqa: BLE001 - anything else must still answer, never kill the association
+            incoming.discard()
+            log.exception("C-STORE %s not stored", self.sop_uid)
+            return STATUS_PROCESSING_FAILURE
+        try:
+            receiver.group_commit.commit(path.parent, ReceivedInstance(
+                sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
+                study_uid=header.study_uid, calling_ae=calling_ae, path=str(path),
+                size=incoming.meta_size + incoming.dataset_size, header=header.routing_header,
+                association_id=self.assoc.state.get("id"),
+            ))
+        except OSError as exc:
+            log.error("C-STORE %s not recorded: %s", self.sop_uid, exc.strerror or exc)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:  # noqa: BLE001
+            log.exception("C-STORE %s not recorded", self.sop_uid)
+            return STATUS_PROCESSING_FAILURE
+        return STATUS_SUCCESS

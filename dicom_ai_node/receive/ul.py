@@ -1,0 +1,497 @@
+"""A small DICOM Upper Layer acceptor (PS3.8) for the storage SCP: one thread per association, blocking I/O.
+
+pynetdicom's reactors poll their queues with 1 ms sleeps, which caps a Python SCP far below DCMTK's
+storescp however little the handler does (measured: ~350 CT_small/s per association with a handler that
+does nothing). This acceptor reads PDUs straight from the socket, hands each C-STORE dataset fragment to a
+sink as it arrives (the receiver streams it into the spool, never holding an instance in memory) and
+answers when the sink says the instance is safe. pynetdicom still encodes and decodes the association PDUs
+and negotiates the presentation contexts, so what the node accepts is what pynetdicom would accept.
+
+Only what a storage SCP needs: A-ASSOCIATE (accept or reject), P-DATA with C-ECHO and C-STORE, A-RELEASE,
+A-ABORT, an ARTIM/idle timeout. One operation at a time per association (asynchronous operations window
+1/1), which is what every storage SCU we know of uses.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE, AsynchronousOperationsWindowNegotiation, ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from dicom_ai_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger("dicom_ai_node.receive")
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+
+A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
+P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
+
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+NO_DATASET = 0x0101
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+ABORT_SERVICE_PROVIDER = 0x02
+ABORT_UNEXPECTED_PDU = 0x02
+
+_ASSOCIATE_RQ_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ is a few kB; refuse to buffer a hostile one
+_COMMAND_LIMIT = 1 << 16
+_CHUNK = 1 << 20  # dataset bytes are passed on in pieces of at most this size
+
+_pdu_header = struct.Struct(">BxI")
+_pdv_header = struct.Struct(">IBB")
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8; the association is aborted with `reason` (A-ABORT, PS3.8 9.3.8)."""
+
+    def __init__(self, message: str, reason: int = 0x06) -> None:  # invalid-PDU-parameter value
+        super().__init__(message)
+        self.reason = reason
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection."""
+
+
+@dataclass
+class Association:
+    """One accepted (or negotiating) association, as the service sees it."""
+
+    address: str
+    port: int
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer_max_pdu: int = 0  # 0: unlimited
+    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (abstract syntax, transfer syntax)
+    state: dict[str, Any] = field(default_factory=dict)  # the service's own bookkeeping
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    priority: int
+    move_originator_ae: str
+
+
+class StoreSink(Protocol):
+    def write(self, data: memoryview) -> None: ...
+    def finish(self) -> int: ...  # the C-STORE status, once the instance is safe (or refused)
+    def abandon(self) -> None: ...  # the association ended before the dataset did
+
+
+class Service(Protocol):
+    def refusal(self, assoc: Association) -> tuple[int, int, int] | None: ...
+    def opened(self, assoc: Association) -> None: ...
+    def released(self, assoc: Association) -> None: ...
+    def echo(self, assoc: Association) -> int: ...
+    def begin_store(self, assoc: Association, request: StoreRequest, transfer_syntax: str) -> StoreSink: ...
+
+
+# -- DIMSE command sets (implicit VR little endian, PS3.7 E) ---------------------------------------------
+
+def decode_command(data: bytes) -> dict[int, bytes]:
+    elements: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        if pos + length > len(data):
+            raise ProtocolError("truncated command set")
+        elements[group << 16 | element] = data[pos:pos + length]
+        pos += length
+    if pos != len(data):
+        raise ProtocolError("trailing bytes after the command set")
+    return elements
+
+
+def _command_us(elements: dict[int, bytes], tag: int, default: int | None = None) -> int:
+    value = elements.get(tag)
+    if value is None or len(value) < 2:
+        if default is None:
+            raise ProtocolError(f"command set lacks ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+        return default
+    return struct.unpack_from("<H", value)[0]
+
+
+def _command_text(elements: dict[int, bytes], tag: int) -> str:
+    return elements.get(tag, b"").decode("ascii", "replace").rstrip("\0 ").strip()
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def encode_response(command_field: int, message_id: int, sop_class_uid: str, status: int,
+                    sop_instance_uid: str | None = None) -> bytes:
+    body = b"".join([
+        _element(0x00000002, sop_class_uid.encode()),
+        _element(0x00000100, struct.pack("<H", command_field)),
+        _element(0x00000120, struct.pack("<H", message_id)),
+        _element(0x00000800, struct.pack("<H", NO_DATASET)),
+        _element(0x00000900, struct.pack("<H", status)),
+    ] + ([_element(0x00001000, sop_instance_uid.encode())] if sop_instance_uid else []))
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+# -- the acceptor -----------------------------------------------------------------------------------------
+
+class Acceptor:
+    """Listens on (host, port) and runs each association in its own thread."""
+
+    def __init__(self, host: str, port: int, service: Service, contexts: list[PresentationContext], *,
+                 ae_title: str, require_called_ae: bool, max_associations: int, max_pdu: int,
+                 timeout_s: float) -> None:
+        self.service = service
+        self.contexts = contexts
+        self.ae_title = ae_title
+        self.require_called_ae = require_called_ae
+        self.max_associations = max_associations
+        self.max_pdu = max_pdu
+        self.timeout_s = timeout_s
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=64)
+        self._listener.settimeout(0.5)  # so that stop() is noticed
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._thread = threading.Thread(target=self._serve, name="dicom-acceptor", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and abort the associations in progress (their senders keep what was not answered)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                log.exception("accept failed")
+                continue
+            if self._stop.is_set():
+                sock.close()
+                return
+            connection = _Connection(self, sock, address)
+            with self._lock:
+                self._connections.add(connection)
+            threading.Thread(target=connection.run, name=f"dicom-assoc-{address[0]}:{address[1]}",
+                             daemon=True).start()
+
+    def _active(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def _forget(self, connection: "_Connection") -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+
+class _Connection:
+    def __init__(self, acceptor: Acceptor, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        self.acceptor = acceptor
+        self.sock = sock
+        host = str(address[0])
+        if host.startswith("::ffff:") and "." in host:  # an IPv4 peer on a dual-stack listener
+            host = host[len("::ffff:"):]
+        self.assoc = Association(address=host, port=int(address[1]))
+        self.rfile = sock.makefile("rb", buffering=256 * 1024)
+        self.buffer = bytearray(_CHUNK)
+        self.closed = False
+        # the DIMSE message in progress
+        self.command = bytearray()
+        self.command_context: int | None = None
+        self.sink: StoreSink | None = None
+        self.dataset_context: int | None = None
+        self.pending: tuple[int, int, str, str] | None = None  # (context, message id, class, instance)
+
+    # -- socket ------------------------------------------------------------------------------------------
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise PeerClosed()
+        return data
+
+    def _read_into(self, n: int) -> memoryview:
+        view = memoryview(self.buffer)[:n]
+        got = 0
+        while got < n:
+            count = self.rfile.readinto(view[got:])
+            if not count:
+                raise PeerClosed()
+            got += count
+        return view
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.rfile.close()
+            self.sock.close()
+
+    def _linger_close(self, wait_s: float = 5.0) -> None:
+        """Close after the peer has read what we sent: it closes first (PS3.8 ARTIM), or wait_s passes.
+        Closing at once with unread input would reset the connection and could lose our last PDU."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(wait_s)
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        self.close()
+
+    def _abort(self, source: int = ABORT_SERVICE_PROVIDER, reason: int = 0x00) -> None:
+        try:
+            self._send(struct.pack(">BxIxxBB", A_ABORT_TYPE, 4, source, reason))
+        except OSError:
+            pass
+        self._linger_close(1.0)
+
+    # -- the association ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        opened = False
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.settimeout(self.acceptor.timeout_s)
+            pdu_type, length = _pdu_header.unpack(self._read_exact(6))
+            if pdu_type != A_ASSOCIATE_RQ_TYPE or length > _ASSOCIATE_RQ_LIMIT:
+                raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}",
+                                    ABORT_UNEXPECTED_PDU)
+            if not self._negotiate(_pdu_header.pack(pdu_type, length) + self._read_exact(length)):
+                return
+            opened = True
+            self.acceptor.service.opened(self.assoc)
+            while True:
+                pdu_type, length = _pdu_header.unpack(self._read_exact(6))
+                if pdu_type == P_DATA_TF_TYPE:
+                    self._p_data(length)
+                elif pdu_type == A_RELEASE_RQ_TYPE:
+                    self._read_exact(length)
+                    if self.sink is not None:
+                        raise ProtocolError("A-RELEASE-RQ in the middle of a C-STORE")
+                    self.acceptor.service.released(self.assoc)  # recorded before the sender hears it
+                    self._send(struct.pack(">BxIxxxx", A_RELEASE_RP_TYPE, 4))
+                    self._linger_close()
+                    return
+                elif pdu_type == A_ABORT_TYPE:
+                    self._read_exact(min(length, 64))
+                    log.info("association from %s aborted by the peer", self.assoc.calling_ae)
+                    return
+                else:
+                    raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
+        except PeerClosed:
+            if opened:
+                log.info("association from %s: connection closed by the peer", self.assoc.calling_ae)
+        except TimeoutError:
+            log.warning("association from %s %s idle for %.0f s: aborted", self.assoc.calling_ae or "?",
+                        self.assoc.address, self.acceptor.timeout_s)
+            self._abort()
+        except ProtocolError as exc:
+            log.warning("association from %s %s aborted: %s", self.assoc.calling_ae or "?", self.assoc.address, exc)
+            self._abort(ABORT_SERVICE_PROVIDER, exc.reason)
+        except OSError as exc:
+            if not self.closed:
+                log.info("association from %s: %s", self.assoc.calling_ae or self.assoc.address, exc)
+        except Exception:  # noqa: BLE001 - a bug must cost one association, never the listener
+            log.exception("association from %s failed", self.assoc.calling_ae or self.assoc.address)
+            self._abort()
+        finally:
+            if self.sink is not None:
+                self.sink.abandon()
+                self.sink = None
+            self.close()
+            self.acceptor._forget(self)  # noqa: SLF001
+
+    def _negotiate(self, pdu: bytes) -> bool:
+        acceptor = self.acceptor
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(pdu)
+            request = rq.to_primitive()
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises several types on malformed items
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+        self.assoc.calling_ae = str(request.calling_ae_title).strip()
+        self.assoc.called_ae = str(request.called_ae_title).strip()
+        roles: dict[str, tuple[bool | None, bool | None]] = {}
+        asynchronous = False
+        for item in request.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.assoc.peer_max_pdu = int(item.maximum_length_received or 0)
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
+                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+            elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+                asynchronous = (item.maximum_number_operations_invoked,
+                                item.maximum_number_operations_performed) != (1, 1)
+        reason = self.acceptor.service.refusal(self.assoc)
+        if reason is None and not (rq.protocol_version & 0x0001):
+            reason = REJECT_PROTOCOL_VERSION
+        if reason is None and str(request.application_context_name) != APPLICATION_CONTEXT_NAME:
+            reason = REJECT_APPLICATION_CONTEXT
+        if reason is None and acceptor.require_called_ae and self.assoc.called_ae != acceptor.ae_title.strip():
+            reason = REJECT_CALLED_AE
+        if reason is None and acceptor._active() > acceptor.max_associations:  # noqa: SLF001
+            reason = REJECT_LOCAL_LIMIT
+        if reason is not None:
+            reject = A_ASSOCIATE()
+            reject.result, reject.result_source, reject.diagnostic = reason
+            pdu_rj = A_ASSOCIATE_RJ()
+            pdu_rj.from_primitive(reject)
+            self._send(pdu_rj.encode())
+            self._linger_close()
+            return False
+
+        results, role_items = negotiate_as_acceptor(
+            request.presentation_context_definition_list, acceptor.contexts, roles or None)
+        for context in results:
+            if context.result == 0x00 and context.context_id is not None:
+                self.assoc.contexts[context.context_id] = (str(context.abstract_syntax),
+                                                           str(context.transfer_syntax[0]))
+        accept = A_ASSOCIATE()
+        accept.application_context_name = APPLICATION_CONTEXT_NAME
+        accept.calling_ae_title = request.calling_ae_title
+        accept.called_ae_title = request.called_ae_title
+        accept.result, accept.result_source = 0x00, 0x01
+        accept.presentation_context_definition_results_list = results
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = acceptor.max_pdu
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        info: list[Any] = [maximum, implementation, version, *role_items]
+        if asynchronous:
+            window = AsynchronousOperationsWindowNegotiation()
+            window.maximum_number_operations_invoked = 1
+            window.maximum_number_operations_performed = 1
+            info.append(window)
+        accept.user_information = info
+        pdu_ac = A_ASSOCIATE_AC()
+        pdu_ac.from_primitive(accept)
+        self._send(pdu_ac.encode())
+        return True
+
+    # -- P-DATA --------------------------------------------------------------------------------------------
+
+    def _p_data(self, length: int) -> None:
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise ProtocolError("P-DATA-TF with a truncated PDV item")
+            item_length, context_id, control = _pdv_header.unpack(self._read_exact(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise ProtocolError("PDV item longer than its PDU")
+            remaining -= item_length + 4
+            if context_id not in self.assoc.contexts:
+                raise ProtocolError(f"presentation context {context_id} was not accepted")
+            size = item_length - 2
+            last = bool(control & 0x02)
+            if control & 0x01:
+                self._command_fragment(context_id, size, last)
+            else:
+                self._dataset_fragment(context_id, size, last)
+
+    def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self.pending is not None:
+            raise ProtocolError("a new command before the dataset of the previous one")
+        if self.command_context not in (None, context_id):
+            raise ProtocolError("command fragments on different presentation contexts")
+        if len(self.command) + size > _COMMAND_LIMIT:
+            raise ProtocolError("command set too large")
+        self.command_context = context_id
+        self.command += self._read_exact(size)
+        if last:
+            command, self.command, self.command_context = bytes(self.command), bytearray(), None
+            self._dispatch(context_id, decode_command(command))
+
+    def _dispatch(self, context_id: int, command: dict[int, bytes]) -> None:
+        field_ = _command_us(command, 0x00000100)
+        message_id = _command_us(command, 0x00000110)
+        has_dataset = _command_us(command, 0x00000800, NO_DATASET) != NO_DATASET
+        abstract_syntax, transfer_syntax = self.assoc.contexts[context_id]
+        sop_class = _command_text(command, 0x00000002) or abstract_syntax
+        if field_ == C_ECHO_RQ and not has_dataset:
+            status = self.acceptor.service.echo(self.assoc)
+            self._respond(context_id, encode_response(C_ECHO_RSP, message_id, sop_class, status))
+        elif field_ == C_STORE_RQ and has_dataset and abstract_syntax != VERIFICATION:
+            request = StoreRequest(
+                message_id=message_id, sop_class_uid=sop_class,
+                sop_instance_uid=_command_text(command, 0x00001000),
+                priority=_command_us(command, 0x00000700, 0),
+                move_originator_ae=_command_text(command, 0x00001030),
+            )
+            self.pending = (context_id, message_id, sop_class, request.sop_instance_uid)
+            self.dataset_context = context_id
+            self.sink = self.acceptor.service.begin_store(self.assoc, request, transfer_syntax)
+        else:
+            raise ProtocolError(f"unsupported command {field_:#06x} on presentation context {context_id}")
+
+    def _dataset_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self.sink is None or self.pending is None or context_id != self.dataset_context:
+            raise ProtocolError("dataset fragment without a C-STORE command")
+        while size:
+            chunk = min(size, _CHUNK)
+            self.sink.write(self._read_into(chunk))
+            size -= chunk
+        if last:
+            sink, self.sink = self.sink, None
+            context, message_id, sop_class, sop_instance = self.pending
+            self.pending = None
+            status = sink.finish()
+            self._respond(context, encode_response(C_STORE_RSP, message_id, sop_class, status, sop_instance))
+
+    def _respond(self, context_id: int, command: bytes) -> None:
+        """Send a command set in P-DATA-TF PDUs no larger than the peer accepts."""
+        limit = self.assoc.peer_max_pdu - 6 - 6 if self.assoc.peer_max_pdu else len(command)
+        limit = max(limit, 2)
+        pieces = [command[i:i + limit] for i in range(0, len(command), limit)] or [b""]
+        out = []
+        for index, piece in enumerate(pieces):
+            control = 0x03 if index == len(pieces) - 1 else 0x01
+            out.append(_pdu_header.pack(P_DATA_TF_TYPE, len(piece) + 6)
+                       + _pdv_header.pack(len(piece) + 2, context_id, control) + piece)
+        self._send(b"".join(out))

@@ -1,0 +1,411 @@
+"""The fast ingest path: the raw header walk against pydicom, the streamed spool file, the group commit,
+and the upper-layer acceptor against real pynetdicom and DCMTK peers (a Receiver on a free port)."""
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import pydicom.data
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from conftest import free_port
+from dicom_ai_node import spool
+from dicom_ai_node.audit import AuditLog
+from dicom_ai_node.config import parse_config
+from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
+from dicom_ai_node.receive.groupcommit import GroupCommit
+from dicom_ai_node.receive.scp import Receiver
+from dicom_ai_node.spool import IncomingInstance, InvalidInstance, parse_dataset, parse_instance, parse_with_pydicom
+
+NODE_AE = "DICOM_AI_NODE"
+
+
+def _normalised(value):
+    """pydicom 3 gives multi-valued binary numbers as a list, which str() turned into one '[1, 2]' string;
+    the raw walk gives each value (as it does for every multi-valued text element)."""
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        return [v.strip() for v in value[1:-1].split(",")]
+    return value
+
+
+def _files_with_uids():
+    for path in sorted(map(str, (Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))):
+        try:
+            raw = Path(path).read_bytes()
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            yield path, raw, str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        except Exception:  # noqa: BLE001 - not a DICOM file, or one without UIDs
+            continue
+
+
+def test_raw_walk_reads_what_pydicom_reads():
+    compared = 0
+    for path, raw, sop_class, sop_instance in _files_with_uids():
+        meta = spool._read_file_meta(raw)  # noqa: SLF001
+        if meta is None or not spool.walks_raw(meta[0]):
+            continue
+        try:
+            slow = parse_with_pydicom(raw, sop_class, sop_instance)
+        except InvalidInstance:
+            continue  # pydicom refuses some files on warnings (badVR.dcm) which the walk accepts
+        fast = parse_dataset(raw, meta[1], meta[0], sop_class, sop_instance)
+        assert (fast.sop_class_uid, fast.sop_instance_uid, fast.series_uid, fast.study_uid,
+                fast.transfer_syntax_uid) == (slow.sop_class_uid, slow.sop_instance_uid, slow.series_uid,
+                                              slow.study_uid, slow.transfer_syntax_uid), path
+        for keyword, value in slow.routing_header.items():
+            assert _normalised(value) == _normalised(fast.routing_header.get(keyword)), (path, keyword)
+        # The walk also reads standard elements a sender encoded as UN, which pydicom left out.
+        extra = set(fast.routing_header) - set(slow.routing_header)
+        assert not extra or "UN" in path or "rtdose" in path, (path, extra)
+        compared += 1
+    assert compared > 40
+
+
+def test_non_ascii_text_is_decoded_with_the_character_set():
+    for path in sorted((Path(pydicom.data.__file__).parent / "charset_files").glob("chr*.dcm")):
+        ds = pydicom.dcmread(path)
+        if "PatientName" not in ds or "SOPInstanceUID" not in ds:
+            continue
+        buffer = io.BytesIO()
+        ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        raw = buffer.getvalue()
+        header = parse_instance(raw, str(ds.SOPClassUID), str(ds.SOPInstanceUID)).routing_header
+        assert header["PatientName"] == str(ds.PatientName), path.name
+
+
+def _ct_small_raw(**changes) -> tuple[bytes, Dataset]:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), ds
+
+
+def test_every_truncation_is_refused():
+    """Cut anywhere inside an element, the stream is refused. Cut exactly between two elements it reads as
+    a shorter, complete dataset, to the raw walk as to pydicom (the P-DATA last-fragment flag is what says
+    a dataset ended); the one such cut here falls before the pixel data, so it still is accepted by both."""
+    raw, ds = _ct_small_raw()
+    meta = spool._read_file_meta(raw)  # noqa: SLF001
+    assert meta is not None
+    elements = spool._Elements()  # noqa: SLF001
+    spool._walk(raw, meta[1], len(raw), True, False, elements)  # noqa: SLF001
+    ends = {elements.pos[tag] + length for tag, length in elements.length.items() if length is not None}
+    refused = 0
+    for cut in range(meta[1] + 1, len(raw), 97):
+        try:
+            parse_dataset(raw[:cut], meta[1], meta[0], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        except InvalidInstance:
+            refused += 1
+            continue
+        assert cut in ends
+        parse_with_pydicom(raw[:cut], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert refused > 300
+
+
+def test_truncated_sequence_and_short_pixel_data_are_refused():
+    nested = Dataset()
+    nested.CodeValue = "123"
+    nested.ConceptNameCodeSequence = Sequence([Dataset()])
+    raw, ds = _ct_small_raw(ProcedureCodeSequence=Sequence([nested]))
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = syntax
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        good = buffer.getvalue()
+        meta = spool._read_file_meta(good)  # noqa: SLF001
+        header = parse_dataset(good, meta[1], meta[0], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        assert "ProcedureCodeSequence" not in header.routing_header  # sequences are not routing values
+        assert header.routing_header["Modality"] == "CT" and header.transfer_syntax_uid == syntax
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # A sequence and items of undefined length, cut inside: the delimiters are missing.
+    ds["ProcedureCodeSequence"].is_undefined_length = True
+    for item in (ds.ProcedureCodeSequence[0], ds.ProcedureCodeSequence[0].ConceptNameCodeSequence[0]):
+        item.is_undefined_length_sequence_item = True
+    ds.ProcedureCodeSequence[0]["ConceptNameCodeSequence"].is_undefined_length = True
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    whole = buffer.getvalue()
+    start = whole.index(b"\x08\x00\x32\x10SQ\x00\x00\xff\xff\xff\xff")  # (0008,1032), undefined length
+    meta = spool._read_file_meta(whole)  # noqa: SLF001
+    for cut in range(start + 12, start + 60, 4):
+        with pytest.raises(InvalidInstance):
+            parse_dataset(whole[:cut], meta[1], meta[0], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    # Pixel data shorter than Rows x Columns x BitsAllocated says.
+    short, ds = _ct_small_raw()
+    ds.PixelData = ds.PixelData[:-200]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(InvalidInstance, match="PixelData"):
+        parse_instance(buffer.getvalue(), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+def test_wrong_or_unsafe_uids_are_refused():
+    raw, ds = _ct_small_raw(StudyInstanceUID="../../etc")
+    with pytest.raises(InvalidInstance, match="StudyInstanceUID"):
+        parse_instance(raw, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    raw, ds = _ct_small_raw()
+    with pytest.raises(InvalidInstance, match="differ"):
+        parse_instance(raw, str(ds.SOPClassUID), "1.2.3")
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_incoming_instance_is_a_valid_file_in_its_folder(tmp_path, monkeypatch, spill):
+    if spill:
+        monkeypatch.setattr(spool, "SPILL_BYTES", 1000)  # streamed to the file, checked through mmap
+    raw, ds = _ct_small_raw()
+    dataset = raw[spool._read_file_meta(raw)[1]:]  # noqa: SLF001
+    incoming = IncomingInstance(tmp_path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian,
+                                "PACS")
+    for i in range(0, len(dataset), 4096):
+        incoming.write(memoryview(dataset)[i:i + 4096])
+    path, header = incoming.commit()
+    assert path == tmp_path / header.study_uid / header.series_uid / f"{ds.SOPInstanceUID}.dcm"
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.SourceApplicationEntityTitle == "PACS"
+    assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_refused_incoming_instance_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool, "SPILL_BYTES", 1000)
+    raw, ds = _ct_small_raw()
+    incoming = IncomingInstance(tmp_path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian)
+    incoming.write(raw[spool._read_file_meta(raw)[1]:-500])  # noqa: SLF001
+    with pytest.raises(InvalidInstance):
+        incoming.commit()
+    incoming.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _instance(i: int, series: str = "1.2.3") -> ReceivedInstance:
+    return ReceivedInstance(sop_uid=f"{series}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                            transfer_syntax_uid=ExplicitVRLittleEndian, series_uid=series, study_uid="1.2",
+                            calling_ae="PACS", path=f"/spool/{i}.dcm", size=1, header={"Modality": "CT"})
+
+
+def test_group_commit_records_concurrent_instances_in_shared_transactions(tmp_path):
+    store = JobStore(tmp_path / "state.sqlite3")
+    group = GroupCommit(store)
+    errors = []
+
+    def deliver(worker: int) -> None:
+        for i in range(25):
+            try:
+                group.commit(tmp_path, _instance(worker * 100 + i))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(store.instances("1.2.3")) == 100 and store.series("1.2.3").instances == 100
+    assert group.recorded == 100 and group.batches <= 100
+
+
+def test_group_commit_fails_only_the_instance_that_cannot_be_recorded(tmp_path):
+    store = JobStore(tmp_path / "state.sqlite3")
+    bad = ReceivedInstance(**{**_instance(1).__dict__, "header": {"Modality": object()}})  # not JSON
+    outcomes = store.record_instances([_instance(0), bad, _instance(2)])
+    assert outcomes[0] is False and isinstance(outcomes[1], TypeError) and outcomes[2] is False
+    assert [i.sop_uid for i in store.instances("1.2.3")] == ["1.2.3.0", "1.2.3.2"]
+    # Recorded again (a re-send): counted once, the row replaced.
+    assert store.record_instances([_instance(0)]) == [False]
+    assert store.series("1.2.3").instances == 2
+
+
+# -- the acceptor --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def receiver(tmp_path):
+    started = []
+
+    def start(extra: str = "") -> Receiver:
+        config = parse_config(f"node: {{port: {free_port()}, bind_address: 127.0.0.1, data_dir: {tmp_path / 'node'}, "
+                              f"min_free_disk_mb: 1, ae_title: {NODE_AE}{extra}}}\n")
+        config.spool_dir.mkdir(parents=True, exist_ok=True)
+        r = Receiver(config, JobStore(config.db_path), AuditLog(config.audit_path))
+        r.start()
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def _ct(uid_seed: int = 0) -> Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(uid_seed)])
+    return ds
+
+
+def test_echo_and_store_with_a_large_pdu_and_asynchronous_window(receiver):
+    r = receiver()
+    ae = AE(ae_title="PACS")
+    ae.maximum_pdu_size = 0  # unlimited: the whole dataset in one PDV
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE, ext_neg=[_async_window(4)])
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 0
+    assert int(assoc.send_c_echo().Status) == 0
+    datasets = [_ct() for _ in range(5)]
+    assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0] * 5
+    assoc.release()
+    assert assoc.is_released
+    series = r.store.series(str(datasets[0].SeriesInstanceUID))
+    assert series.instances == 5 and series.released_at is not None
+    for ds in datasets:
+        [path] = [p for p in r.store.instance_paths(str(ds.SeriesInstanceUID)) if ds.SOPInstanceUID in p]
+        assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _async_window(n: int):
+    from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
+
+    item = AsynchronousOperationsWindowNegotiation()
+    item.maximum_number_operations_invoked = n
+    item.maximum_number_operations_performed = n
+    return item
+
+
+def test_small_peer_pdu_gets_fragmented_responses(receiver):
+    r = receiver()
+    ae = AE(ae_title="PACS")
+    ae.maximum_pdu_size = 4096  # the smallest a peer may announce; responses still fit
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    assert int(assoc.send_c_store(_ct()).Status) == 0
+    assoc.release()
+
+
+def test_association_limit_rejects_transiently(receiver):
+    r = receiver(", max_associations: 1")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert first.is_established
+    second = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert second.is_rejected
+    first.release()
+    third = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert third.is_established
+    third.release()
+
+
+def test_unsupported_abstract_syntax_is_not_accepted(receiver):
+    r = receiver()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.1.1")  # Patient Root Q/R FIND: not a storage class
+    assoc = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert not assoc.is_established or not assoc.accepted_contexts
+    if assoc.is_established:
+        assoc.release()
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BxI", pdu_type, len(body)) + body
+
+
+def test_connection_lost_mid_dataset_stores_and_records_nothing(receiver, monkeypatch):
+    """A sender that dies halfway through a C-STORE: no row, no file, no temporary file left behind."""
+    monkeypatch.setattr(spool, "SPILL_BYTES", 1000)  # the half sent is already in its temporary file
+    r = receiver()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    ds = _ct()
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    request = C_STORE()
+    request.MessageID, request.AffectedSOPClassUID = 1, CTImageStorage
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = io.BytesIO(b"set")  # only so that the command says a dataset follows
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    command = encode(message.command_set, True, True)
+    dataset = encode(ds, False, True)
+    sock = assoc.dul.socket.socket
+    sock.sendall(_pdu(0x04, struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command))
+    half = dataset[: len(dataset) // 2]
+    sock.sendall(_pdu(0x04, struct.pack(">IBB", len(half) + 2, context_id, 0x00) + half))
+    deadline = time.time() + 10
+    while time.time() < deadline and not list(r.config.spool_dir.glob(".*.tmp")):
+        time.sleep(0.05)
+    assert list(r.config.spool_dir.glob(".*.tmp"))
+    sock.shutdown(socket.SHUT_RDWR)  # the sender dies: no A-ABORT, the connection just goes
+    deadline = time.time() + 10
+    while time.time() < deadline and list(r.config.spool_dir.glob(".*.tmp")):
+        time.sleep(0.1)
+    assert r.store.series(str(ds.SeriesInstanceUID)) is None
+    assert not list(r.config.spool_dir.rglob("*.dcm")) and not list(r.config.spool_dir.glob(".*.tmp"))
+
+
+def test_garbage_instead_of_an_association_request_is_dropped(receiver):
+    r = receiver()
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.settimeout(10)
+        reply = s.recv(100)
+    assert reply == b"" or reply[0] == 0x07  # closed, or an A-ABORT
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
+    assert assoc.is_established  # still serving
+    assoc.release()
+
+
+def test_deflated_and_big_endian_instances_are_received(receiver, tmp_path):
+    """Deflated datasets are inflated for the checks and stored as sent; big endian goes through pydicom."""
+    import subprocess
+
+    from conftest import PEER_ENV, require_tool
+
+    require_tool("storescu")
+    r = receiver()
+    source = get_testdata_file("CT_small.dcm")
+    for option, syntax in (("-xd", "1.2.840.10008.1.2.1.99"), ("-xb", "1.2.840.10008.1.2.2")):
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = generate_uid()
+        path = tmp_path / f"{option}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        result = subprocess.run(["storescu", option, "-aet", "PACS", "-aec", NODE_AE, "127.0.0.1", str(r.port),
+                                 str(path)], env=PEER_ENV, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        [stored] = [p for p in r.store.instance_paths(str(ds.SeriesInstanceUID)) if ds.SOPInstanceUID in p]
+        back = pydicom.dcmread(stored)
+        assert back.file_meta.TransferSyntaxUID == syntax
+        assert back.pixel_array.tolist() == ds.pixel_array.tolist()
+    # A truncated deflate stream is refused.
+    raw = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    ds.save_as(raw, enforce_file_format=True)
+    meta = spool._read_file_meta(raw.getvalue())  # noqa: SLF001
+    with pytest.raises(InvalidInstance, match="deflate"):
+        parse_dataset(raw.getvalue()[:-100], meta[1], meta[0], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
