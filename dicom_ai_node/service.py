@@ -230,6 +230,11 @@ class NodeService:
         self.executor: Executor | None = None
         self._executor_lock = threading.Lock()
         self._stop = threading.Event()
+        # Wake-ups between stages, so that work handed on does not wait for the next poll: routing a series
+        # wakes the worker threads, a finished job the dispatcher. Each loop still polls every POLL_S.
+        self._work_queued = threading.Event()
+        self._sends_queued = threading.Event()
+        self._assemble_idle_s = POLL_S  # until the earliest completion deadline of a receiving series
         self._threads: list[threading.Thread] = []
         self._next_retention = 0.0
 
@@ -246,16 +251,18 @@ class NodeService:
             log.info("recovered %d job(s) left running by the previous process", requeued)
         self.executor = make_executor(self.config, self.manifests)
         self.receiver.start()
-        loops = [("assemble", self._assemble_loop), ("dispatch", self._dispatch_loop)]
+        loops = [("assemble", self._assemble_loop, None), ("dispatch", self._dispatch_loop, self._sends_queued)]
         # One thread per worker feeds it jobs and records their outcome in the store.
-        loops += [(f"worker-{i}", self._worker_loop) for i in range(self.executor.workers)]
-        for name, target in loops:
-            thread = threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
+        loops += [(f"worker-{i}", self._worker_loop, self._work_queued) for i in range(self.executor.workers)]
+        for name, target, wake in loops:
+            thread = threading.Thread(target=self._guarded, args=(name, target, wake), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
+        self._work_queued.set()
+        self._sends_queued.set()
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
@@ -273,22 +280,32 @@ class NodeService:
         finally:
             self.stop()
 
-    def _guarded(self, name: str, loop) -> None:
+    def _guarded(self, name: str, loop, wake: threading.Event | None = None) -> None:
         # A stage loop must outlive any single bad series, job or destination: log and carry on.
+        # An idle loop sleeps POLL_S, or until `wake` is set (cleared before each pass, so that no wake-up
+        # set after the pass looked for work is lost); the assemble loop until its next deadline.
         while not self._stop.is_set():
             try:
+                if wake is not None:
+                    wake.clear()
                 if not loop():
-                    self._stop.wait(POLL_S)
+                    if wake is not None:
+                        wake.wait(POLL_S)
+                    else:
+                        self._stop.wait(self._assemble_idle_s if name == "assemble" else POLL_S)
             except Exception:  # noqa: BLE001
                 log.exception("%s loop error; continuing", name)
                 self._stop.wait(1.0)
 
     def _assemble_loop(self) -> bool:
         now = time.time()
+        idle_s = POLL_S
         for series in self.store.series_in_state("receiving"):
             instances = self.store.instances(series.series_uid)
             progress = series_progress(series, instances, self.config)
             decision = series_completion(progress, now, self.completion)
+            if not isinstance(decision, SeriesComplete):
+                idle_s = min(idle_s, max(decision.remaining_s, 0.0) + 0.001)  # just past the deadline
             if isinstance(decision, SeriesComplete):
                 if self.config.uses_content_labels:
                     content = content_header([Path(i.path) for i in instances])
@@ -298,6 +315,7 @@ class NodeService:
                     continue  # complete, but a study-level rule waits for other series of the study
                 jobs, note = plan_jobs(self.config, series, instances, self._failed_studies(series, now))
                 if self.store.route_series(series, jobs, note):
+                    self._work_queued.set()
                     log.info("series %s complete (%s); %s", series.series_uid, decision.reason, note)
                     self.audit.write("series-routed", series_uid=series.series_uid, study_uid=series.study_uid,
                                      instances=series.instances, revision=series.revision,
@@ -305,6 +323,7 @@ class NodeService:
         if now >= self._next_retention:
             self._next_retention = now + RETENTION_EVERY_S
             self.apply_retention(now)
+        self._assemble_idle_s = idle_s
         return False
 
     def _study_outcomes(self, series: SeriesRow, now: float) -> dict[str, StudyReady | StudyWaiting | StudyTimedOut]:
@@ -374,6 +393,7 @@ class NodeService:
         manifest = self.manifests[job.pipeline]
         files = outcome.files
         self.store.finish_job(job.id, result_sends(self.config, files, job.destinations), outcome.stages)
+        self._sends_queued.set()
         log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()))
         self.audit.write("job-done", job_id=job.id, series_uid=job.series_uid, pipeline=manifest.name,
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],
@@ -386,6 +406,7 @@ class NodeService:
         keep the refusal as the job's last error, where `status` shows it."""
         sends = result_sends(self.config, files, job.destinations)
         self.store.finish_job(job.id, sends, stages, note=f"refused, no-result SR sent instead: {refusal}")
+        self._sends_queued.set()
         log.warning("job %d refused, no-result SR queued for %d destination(s): %s", job.id, len(sends), refusal)
         self._audit_refusal(job, reasons, [f.sop_uid for f in files], list(dict.fromkeys(s[3] for s in sends)))
 

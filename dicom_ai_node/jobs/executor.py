@@ -67,7 +67,9 @@ class ResultFile:
 @dataclass
 class JobOutcome:
     files: list[ResultFile]
-    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: load, infer, write, validate
+    # Seconds per stage: load (DICOM decode into a Volume), qc (input QC and the memory guard), pipeline-load
+    # (a worker's first job of a pipeline), infer, write (build and save the objects), validate (the gate).
+    stages: dict[str, float] = field(default_factory=dict)
     refusal: str = ""  # set when input QC refused the series and `files` is the no-result SR: why, in full
     reasons: tuple[str, ...] = ()  # each reason of the refusal
 
@@ -87,17 +89,23 @@ def result_context(config: NodeConfig) -> ResultContext:
 
 def write_validated_results(
     job_id: int, volume: Volume, result: PipelineResult, manifest: Manifest, config: NodeConfig,
-    profiles: tuple[OutputProfile, ...] = (OutputProfile(),),
+    profiles: tuple[OutputProfile, ...] = (OutputProfile(),), stages: dict[str, float] | None = None,
 ) -> list[ResultFile]:
     """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate, once
-    per output profile; an object all profiles share (same UID) is written once."""
+    per output profile; an object all profiles share (same UID) is written once. With `stages`, adds the
+    seconds spent building and saving the objects ("write") and validating them ("validate")."""
     folder = config.job_results_dir(job_id)
     files: dict[str, ResultFile] = {}
+    stages = {} if stages is None else stages
     for profile in profiles:
+        t = time.perf_counter()
         datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs),
                                  seg_type=profile.seg_type, sr_profile=profile.sr_profile)
+        built, timings = time.perf_counter(), {"save": 0.0}
         # Saves each object, then checks it (dciodvfy too, and the viewer layout for a viewer SR).
-        gate(datasets, volume.sources, manifest, folder, sr_profile=profile.sr_profile)
+        gate(datasets, volume.sources, manifest, folder, sr_profile=profile.sr_profile, timings=timings)
+        stages["write"] = stages.get("write", 0.0) + built - t + timings["save"]
+        stages["validate"] = stages.get("validate", 0.0) + time.perf_counter() - built - timings["save"]
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             known = files.get(uid)
@@ -180,19 +188,21 @@ class JobRunner:
         manifest = self.manifests[job.pipeline]
         try:
             volume = load_series([Path(p) for p in job.instance_paths])
+            loaded = time.perf_counter()
             check_input(volume, manifest)
         except REFUSALS as refusal:
-            stages["load"] = time.perf_counter() - t
+            stages["load"] = time.perf_counter() - t  # reading and input QC, up to the refusal
             return refused_outcome(job, manifest, self.config, refusal, stages)
         # The memory guard: DeviceBusy puts the job back in the queue (the device is shared with other jobs,
         # models and processes), before the pipeline is loaded or run.
         admit(self.device, manifest.gpu_memory_mb if self.device.startswith("cuda") else manifest.host_memory_mb)
-        pipeline = self.pipeline(job.pipeline)
-        stages["load"], t = time.perf_counter() - t, time.perf_counter()
+        stages["load"], stages["qc"], t = loaded - t, time.perf_counter() - loaded, time.perf_counter()
+        pipeline = self.pipeline(job.pipeline)  # instantiated and loaded on the device by a worker's first job
+        stages["pipeline-load"], t = time.perf_counter() - t, time.perf_counter()
         result = pipeline.run(volume, RunContext(device=self.device))
-        stages["infer"], t = time.perf_counter() - t, time.perf_counter()
-        files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config, job.profiles)
-        stages["write+validate"] = time.perf_counter() - t
+        stages["infer"] = time.perf_counter() - t
+        files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config, job.profiles,
+                                        stages)
         return JobOutcome(files, stages)
 
 

@@ -95,9 +95,32 @@ def label_map(segments: list[Segment]) -> np.ndarray:
     return labels
 
 
+def disjoint_labels(segments: list[Segment]) -> np.ndarray | None:
+    """(slices, rows, columns) of segment numbers (0 background) when no two segments overlap, else None.
+
+    For a BINARY SEG of segments numbered 1..n (sorted_segments), highdicom encodes this array exactly as
+    the stack of masks (each frame is `labels == number` instead of `stack[..., number - 1]`, the same bits),
+    and knows from its form that the segments do not overlap: it skips summing the stack over the segments,
+    the costliest step of building a SEG.
+    """
+    labels = np.zeros(segments[0].mask.shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    covered = np.zeros(labels.shape, dtype=np.bool_)
+    for segment in segments:
+        inside = segment.mask > 0.5
+        if np.logical_and(inside, covered, out=np.empty_like(covered)).any():
+            return None
+        covered |= inside
+        labels[inside] = segment.number
+    return labels
+
+
 def segment_pixels(segments: list[Segment], seg_type: hd.seg.SegmentationTypeValues) -> np.ndarray:
     if seg_type == hd.seg.SegmentationTypeValues.LABELMAP:
         return label_map(segments)
+    if seg_type == hd.seg.SegmentationTypeValues.BINARY and len(segments) > 1:
+        labels = disjoint_labels(segments)
+        if labels is not None:
+            return labels
     return stacked_masks(segments, fractional=seg_type == hd.seg.SegmentationTypeValues.FRACTIONAL)
 
 

@@ -6,10 +6,13 @@ optionally with dciodvfy, and raises ResultValidationError listing every problem
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from pydicom.uid import UID
 from dicom_ai_node.pipeline import Manifest
 from dicom_ai_node.results.identity import PATIENT_STUDY_KEYWORDS, PATIENT_STUDY_TYPE2
 from dicom_ai_node.results.provenance import NOT_FOR_DIAGNOSTIC_USE
-from dicom_ai_node.results.writer import save
+from dicom_ai_node.results.writer import encode, save
 
 LABEL_MAP_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", LABEL_MAP_SEG_CLASS}
@@ -158,12 +161,22 @@ def frame_numbers_named(ref: Dataset) -> list[int]:
     return [int(v) for v in value] if isinstance(value, MultiValue) else [int(value)]
 
 
-def frame_problems(ref: Dataset, sources: Sequence[Dataset], where: str, frame_required: bool = False) -> list[str]:
+def source_index(sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    """SOPInstanceUID -> the first source instance with it: one lookup per reference, not a scan."""
+    index: dict[str, Dataset] = {}
+    for source in sources:
+        index.setdefault(str(source.SOPInstanceUID), source)
+    return index
+
+
+def frame_problems(
+    ref: Dataset, sources: Sequence[Dataset] | Mapping[str, Dataset], where: str, frame_required: bool = False,
+) -> list[str]:
     """Problems of the frames `ref` names in the source instance it references: each within 1..NumberOfFrames;
     with `frame_required`, a reference to a multi-frame source must name its frame. A reference to no source
-    instance is reported by the caller."""
+    instance is reported by the caller. `sources` may be given as their source_index."""
     uid = str(ref.get("ReferencedSOPInstanceUID"))
-    source = next((s for s in sources if str(s.SOPInstanceUID) == uid), None)
+    source = (sources if isinstance(sources, Mapping) else source_index(sources)).get(uid)
     if source is None:
         return []
     count = frame_count(source)
@@ -185,12 +198,13 @@ def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instance
     series_items = [i for i in ds.get("ReferencedSeriesSequence", []) if i.get("SeriesInstanceUID") == series_uid]
     if not series_items:
         problems.append(f"{tag_name('ReferencedSeriesSequence')} does not reference source series {series_uid}")
+    index = source_index(sources)
     for item in series_items:
         for ref in item.get(instances_keyword, []):
             if ref.get("ReferencedSOPInstanceUID") not in source_sops:
                 problems.append(f"{tag_name(instances_keyword)} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
-            problems += frame_problems(ref, sources, tag_name(instances_keyword))
+            problems += frame_problems(ref, index, tag_name(instances_keyword))
     return problems
 
 
@@ -201,6 +215,7 @@ def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[st
     frames = ds.get("PerFrameFunctionalGroupsSequence", [])
     if not frames:
         problems.append(f"{tag_name('PerFrameFunctionalGroupsSequence')} is missing or empty")
+    index = source_index(sources)
     for number, frame in enumerate(frames, start=1):
         refs = [ref for derivation in frame.get("DerivationImageSequence", [])
                 for ref in derivation.get("SourceImageSequence", [])]
@@ -211,7 +226,7 @@ def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[st
             if ref.get("ReferencedSOPInstanceUID") not in source_sops:
                 problems.append(f"frame {number}: {tag_name('SourceImageSequence')} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
-            problems += frame_problems(ref, sources, f"frame {number}: {tag_name('SourceImageSequence')}",
+            problems += frame_problems(ref, index, f"frame {number}: {tag_name('SourceImageSequence')}",
                                        frame_required=True)
             if SOURCE_IMAGE_FOR_PROCESSING not in code_values(ref.get("PurposeOfReferenceCodeSequence")):
                 problems.append(f"frame {number}: {tag_name('PurposeOfReferenceCodeSequence')} is not "
@@ -242,6 +257,7 @@ def sr_image_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Da
     """Every IMAGE content item (sources of groups, SCOORD regions) names a source instance or the SEG."""
     known = {str(s.SOPInstanceUID) for s in sources} | ({str(seg.SOPInstanceUID)} if seg is not None else set())
     problems = []
+    index = source_index(sources)
     for item in content_items(ds.get("ContentSequence", [])):
         if item.get("ValueType") != "IMAGE":
             continue
@@ -249,7 +265,7 @@ def sr_image_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Da
             if str(ref.get("ReferencedSOPInstanceUID")) not in known:
                 problems.append(f"IMAGE content item: {tag_name('ReferencedSOPInstanceUID')} "
                                 f"{ref.get('ReferencedSOPInstanceUID')} is not a source instance")
-            problems += frame_problems(ref, sources, "IMAGE content item")
+            problems += frame_problems(ref, index, "IMAGE content item")
     return problems
 
 
@@ -260,6 +276,7 @@ def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     annotations = ds.get("GraphicAnnotationSequence", [])
     if not annotations:
         problems.append(f"{tag_name('GraphicAnnotationSequence')} is missing or empty")
+    index = source_index(sources)
     for number, annotation in enumerate(annotations, start=1):
         refs = annotation.get("ReferencedImageSequence", [])
         if not refs:
@@ -268,7 +285,7 @@ def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
                      f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance"
                      for ref in refs if ref.get("ReferencedSOPInstanceUID") not in source_sops]
         for ref in refs:
-            problems += frame_problems(ref, sources, f"annotation {number}: {tag_name('ReferencedImageSequence')}")
+            problems += frame_problems(ref, index, f"annotation {number}: {tag_name('ReferencedImageSequence')}")
     return problems
 
 
@@ -282,8 +299,9 @@ def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
         for ref in refs
         if ref.get("ReferencedSOPInstanceUID") not in source_sops
     ]
+    index = source_index(sources)
     for ref in refs:
-        problems += frame_problems(ref, sources, tag_name("SourceImageSequence"), frame_required=True)
+        problems += frame_problems(ref, index, tag_name("SourceImageSequence"), frame_required=True)
     return problems
 
 
@@ -492,26 +510,26 @@ def read_presentation_state(ds: Dataset) -> list[Dataset]:
     return rebuilt
 
 
+# The readers get a data set parsed for them alone, so highdicom need not deep-copy it (copy=False).
 READERS: dict[str, Callable[[Dataset], object]] = {
-    "SEG": hd.seg.Segmentation.from_dataset,
-    "SR": hd.sr.Comprehensive3DSR.from_dataset,
-    "SC": hd.Image.from_dataset,
-    "PM": hd.pm.ParametricMap.from_dataset,
+    "SEG": partial(hd.seg.Segmentation.from_dataset, copy=False),
+    "SR": partial(hd.sr.Comprehensive3DSR.from_dataset, copy=False),
+    "SC": partial(hd.Image.from_dataset, copy=False),
+    "PM": partial(hd.pm.ParametricMap.from_dataset, copy=False),
     "PR": read_presentation_state,
 }
 
 
 def reader_of(ds: Dataset, kind: str) -> Callable[[Dataset], object]:
     if ds.get("SOPClassUID") == COMPREHENSIVE_SR_CLASS:
-        return hd.sr.ComprehensiveSR.from_dataset
+        return partial(hd.sr.ComprehensiveSR.from_dataset, copy=False)
     return READERS[kind]
 
 
-def readback_problems(ds: Dataset, kind: str) -> list[str]:
+def readback_problems(ds: Dataset, kind: str, encoded: bytes | None = None) -> list[str]:
+    """highdicom reads `ds` back from its file bytes: `encoded` (see writer.encode), else encoded here."""
     try:
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        reader_of(ds, kind)(pydicom.dcmread(BytesIO(buffer.getvalue())))
+        reader_of(ds, kind)(pydicom.dcmread(BytesIO(encode(ds) if encoded is None else encoded)))
     except Exception as exc:  # noqa: BLE001 - any failure to read back is the finding
         # Only the exception type: messages of readers can quote element values (PHI).
         return [f"highdicom cannot read the {kind} back ({type(exc).__name__})"]
@@ -530,14 +548,15 @@ def reference_problems(ds: Dataset, kind: str, sources: Sequence[Dataset], seg: 
 
 def check_result(
     ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None,
-    sr_profile: str = "full",
+    sr_profile: str = "full", encoded: bytes | None = None,
 ) -> list[str]:
     """Problems of result object `ds` made from `sources` (the source series); [] when it meets the standards.
 
     `seg` is the SEG an SR references (needed to check its segment references); `manifest` enables the
     checks that depend on the pipeline (name, version, the model card's diagnostic-use flag); `sr_profile`
     "viewer" adds that an SR's every measurement group has image coordinates. Heatmap Secondary Captures are
-    checked as SCs.
+    checked as SCs. `encoded` is `ds` as already encoded for its file (writer.encode): the read-back reads
+    those bytes instead of encoding `ds` again.
     """
     if not sources:
         return ["no source instances to check against"]
@@ -554,7 +573,7 @@ def check_result(
         problems += frame_of_reference_problems(ds, sources[0])
     elif kind == "SR":
         problems += sr_content_problems(ds, seg) + sr_profile_problems(ds, sr_profile)
-    return problems + readback_problems(ds, kind)
+    return problems + readback_problems(ds, kind, encoded)
 
 
 def lines_predating_dciodvfy(ds: Dataset) -> tuple[re.Pattern[str], ...]:
@@ -566,18 +585,24 @@ def lines_predating_dciodvfy(ds: Dataset) -> tuple[re.Pattern[str], ...]:
     return ()
 
 
-def dciodvfy_errors(path: Path) -> list[str] | None:
+def dciodvfy_errors(path: Path, ds: Dataset | None = None) -> list[str] | None:
     """The Error lines of `dciodvfy -new path` (values redacted), or None when dciodvfy is not installed.
 
     dciodvfy can print Error lines and still exit 0, so the lines count, not the exit status. The lines that
-    only say the installed dciodvfy predates Label Map Segmentation do not count.
+    only say the installed dciodvfy predates Label Map Segmentation do not count. `ds` is the object saved
+    at `path`, when the caller has it (else the file's header is read for that).
     """
     executable = shutil.which("dciodvfy")
     if executable is None:
         return None
+    header = ds if ds is not None else pydicom.dcmread(path, stop_before_pixels=True)
+    return run_dciodvfy(executable, path, lines_predating_dciodvfy(header))
+
+
+def run_dciodvfy(executable: str, path: Path, unknown_iod_lines: tuple[re.Pattern[str], ...]) -> list[str]:
+    """dciodvfy_errors once the lines to ignore are known (runs no Python on the object: thread-safe)."""
     run = subprocess.run([executable, "-new", str(path)], capture_output=True, text=True,
                          errors="replace", timeout=DCIODVFY_TIMEOUT_S, check=False)
-    unknown_iod_lines = lines_predating_dciodvfy(pydicom.dcmread(path, stop_before_pixels=True))
     lines = [line for line in (run.stdout + run.stderr).splitlines() if re.search(r"\bError\b", line)]
     errors = [
         re.sub(r"= <[^>]*>", "= <redacted>", line)  # dciodvfy quotes values; they may be PHI
@@ -595,11 +620,18 @@ def gate(
     manifest: Manifest | None,
     folder_for_dciodvfy: Path | None = None,
     sr_profile: str = "full",
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Raise ResultValidationError listing every problem of the result objects, else return.
 
     With `folder_for_dciodvfy`, each object is saved there (as `save` names it) and checked by dciodvfy
     too, where it is installed. `sr_profile` is the one the objects were written with (see check_result).
+    With `timings`, the seconds spent encoding and saving are added to timings["save"] (the rest is
+    validation).
+
+    Each object is encoded once: those bytes are saved, and read back by highdicom (check_result), so the
+    read-back checks exactly the file that is sent. dciodvfy runs on each saved file in a thread while the
+    other checks go on; problems are listed in the same order whatever finishes first.
     """
     segs = [ds for ds in datasets if result_kind(ds) == "SEG"]
     seg = segs[0] if segs else None
@@ -607,11 +639,28 @@ def gate(
     uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
     problems += [f"SOPInstanceUID {uid} is used by more than one result object"
                  for uid in sorted({u for u in uids if uids.count(u) > 1})]
-    for ds in datasets:
-        label = f"{result_kind(ds) or 'object'} {ds.get('SOPInstanceUID', '?')}"
-        problems += [f"{label}: {p}" for p in check_result(ds, sources, seg, manifest, sr_profile)]
-        if folder_for_dciodvfy is not None:
-            errors = dciodvfy_errors(save(ds, Path(folder_for_dciodvfy)))
-            problems += [f"{label}: dciodvfy: {line}" for line in errors or []]
+    executable = shutil.which("dciodvfy") if folder_for_dciodvfy is not None else None
+    checked: list[tuple[str, list[str], cf.Future[list[str]] | None]] = []
+    with cf.ThreadPoolExecutor(max_workers=max(len(datasets), 1), thread_name_prefix="dciodvfy") as pool:
+        for ds in datasets:
+            label = f"{result_kind(ds) or 'object'} {ds.get('SOPInstanceUID', '?')}"
+            t = time.perf_counter()
+            try:
+                encoded: bytes | None = encode(ds)
+            except Exception:  # noqa: BLE001 - check_result reports an object that cannot be encoded
+                encoded = None
+            dciodvfy = None
+            if folder_for_dciodvfy is not None:
+                path = save(ds, Path(folder_for_dciodvfy), encoded)
+                if timings is not None:
+                    timings["save"] = timings.get("save", 0.0) + time.perf_counter() - t
+                if executable is not None:
+                    dciodvfy = pool.submit(run_dciodvfy, executable, path, lines_predating_dciodvfy(ds))
+            found = check_result(ds, sources, seg, manifest, sr_profile, encoded=encoded)
+            checked.append((label, [f"{label}: {p}" for p in found], dciodvfy))
+        for label, found, dciodvfy in checked:
+            problems += found
+            if dciodvfy is not None:
+                problems += [f"{label}: dciodvfy: {line}" for line in dciodvfy.result()]
     if problems:
         raise ResultValidationError(problems)

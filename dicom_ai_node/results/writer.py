@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -90,9 +91,17 @@ def file_name(ds: Dataset) -> str:
     return f"{uid}.dcm"
 
 
-def save(ds: Dataset, folder: Path) -> Path:
+def encode(ds: Dataset) -> bytes:
+    """`ds` as the bytes of its DICOM file (preamble, file meta, data set), exactly as `save` writes it."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def save(ds: Dataset, folder: Path, encoded: bytes | None = None) -> Path:
     """Write `ds` into `folder` atomically (tmp file, fsync, rename, fsync of the folder); returns its path.
 
+    `encoded` is `ds` already encoded (`encode(ds)`), written as it is; None encodes it here.
     A re-save of the same object replaces the file, so readers see the old or the new file, never a part.
     """
     folder = Path(folder)
@@ -101,7 +110,10 @@ def save(ds: Dataset, folder: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fp:
-            ds.save_as(fp, enforce_file_format=True)
+            if encoded is None:
+                ds.save_as(fp, enforce_file_format=True)
+            else:
+                fp.write(encoded)
             fp.flush()
             os.fsync(fp.fileno())
         os.replace(tmp, target)
