@@ -95,7 +95,8 @@ def _report_values(ds: pydicom.Dataset, tracking: str = "") -> list[tuple[str, p
         if item.ValueType == "TEXT" and name == "Tracking Identifier":
             tracking = str(item.TextValue)
         measured = item.ValueType == "NUM" and "MeasuredValueSequence" in item
-        evaluated = item.ValueType == "CODE" and item.get("RelationshipType") == "CONTAINS"  # qualitative evaluation
+        evaluated = (item.ValueType == "CODE" and item.get("RelationshipType") == "CONTAINS"
+                     and name != "Finding category")  # findings and qualitative evaluations, not the category
         if tracking and (measured or evaluated):
             found.append((tracking, item))
         found += _report_values(item, tracking)
