@@ -18,6 +18,8 @@ show an operator why a series waits. Nothing here reads a clock or a file: `now`
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -86,6 +88,17 @@ def _positive_int(text: str | None) -> int | None:
     except ValueError:
         return None
     return number if number > 0 else None
+
+
+# What expected_instance_count reads of a header. Headers equal on these count alike, so the distinct
+# projections of a series' headers stand for all of them (the assemble loop keeps only those).
+COUNT_HINT_KEYS = ("ConcatenationUID", "InConcatenationTotalNumber", "AcquisitionNumber", "ImagesInAcquisition",
+                   "NumberOfFrames")
+
+
+def count_hint_projection(header: Mapping[str, Any]) -> str:
+    """The part of one header that expected_instance_count reads, as a hashable key (JSON)."""
+    return json.dumps({k: header[k] for k in COUNT_HINT_KEYS if k in header}, sort_keys=True)
 
 
 def expected_instance_count(headers: Sequence[Mapping[str, Any]], announced: int | None = None) -> int | None:

@@ -141,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in store.all_series():
         line = f"  {s.series_uid}  {s.state:<9} {s.instances:>5} inst  from {s.calling_ae}"
         if s.state == "receiving":
-            decision = series_completion(series_progress(s, store.instances(s.series_uid), config), now, policy)
+            decision = series_completion(series_progress(s, [i.header for i in store.instances(s.series_uid)], config), now, policy)
             if isinstance(decision, SeriesWaiting):
                 line += f"  waiting {decision.remaining_s:.0f} s more: {decision.reason}"
             else:

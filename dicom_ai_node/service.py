@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import json
 import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dicom_ai_node.assemble import (
     CompletionPolicy,
@@ -22,6 +25,7 @@ from dicom_ai_node.assemble import (
     StudyRule,
     StudyTimedOut,
     StudyWaiting,
+    count_hint_projection,
     expected_instance_count,
     series_completion,
     study_completion,
@@ -89,8 +93,9 @@ def study_rules(config: NodeConfig) -> dict[str, StudyRule]:
     }
 
 
-def series_progress(series: SeriesRow, instances: list[InstanceRow], config: NodeConfig) -> SeriesProgress:
-    """What the completion decision needs of a series: counts, times, hints and rule overrides."""
+def series_progress(series: SeriesRow, headers: Sequence[Mapping[str, Any]], config: NodeConfig) -> SeriesProgress:
+    """What the completion decision needs of a series: counts, times, hints and rule overrides. `headers`:
+    the instances' headers, or only their distinct count-hint projections (CountHintHeaders)."""
     firing = {d.rule for d in route(config.rules, series.header, series.calling_ae) if d.fires}
     rule_quiet = [r.quiet_period_s for r in config.rules if r.name in firing and r.quiet_period_s is not None]
     return SeriesProgress(
@@ -100,7 +105,7 @@ def series_progress(series: SeriesRow, instances: list[InstanceRow], config: Nod
         instances=series.instances,
         first_received=series.first_received,
         last_received=series.last_received,
-        expected_instances=expected_instance_count([i.header for i in instances], series.expected_instances),
+        expected_instances=expected_instance_count(headers, series.expected_instances),
         released_at=series.released_at,
         rule_quiet_period_s=max(rule_quiet) if rule_quiet else None,
     )
@@ -215,6 +220,29 @@ def make_executor(config: NodeConfig, manifests: dict[str, Manifest]) -> Executo
     return LocalExecutor(config, manifests)
 
 
+class CountHintHeaders:
+    """Per receiving series, the distinct count-hint projections of its headers, read incrementally: the
+    assemble loop looks at every receiving series several times a second, and re-reading all of a
+    4000-slice series' headers each time cost ~45 ms a poll (a fifth of a core while it streams in)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._known: dict[str, tuple[int, int, set[str]]] = {}  # series -> (revision, last rowid, projections)
+
+    def of(self, series: SeriesRow) -> list[dict[str, Any]]:
+        revision, last, seen = self._known.get(series.series_uid, (series.revision, 0, set()))
+        if revision != series.revision:  # re-opened by a late instance: start again
+            revision, last, seen = series.revision, 0, set()
+        for rowid, header in self.store.instance_headers_since(series.series_uid, last):
+            seen.add(count_hint_projection(header))
+            last = rowid
+        self._known[series.series_uid] = (revision, last, seen)
+        return [json.loads(p) for p in sorted(seen)]
+
+    def forget(self, series_uid: str) -> None:
+        self._known.pop(series_uid, None)
+
+
 class NodeService:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -226,6 +254,7 @@ class NodeService:
         self.receiver = Receiver(config, self.store, self.audit)
         self.dispatcher = Dispatcher(config, self.store, self.audit)
         self.completion = completion_policy(config)
+        self._count_hints = CountHintHeaders(self.store)
         self.studies = study_rules(config)
         self.executor: Executor | None = None
         self._executor_lock = threading.Lock()
@@ -301,12 +330,12 @@ class NodeService:
         now = time.time()
         idle_s = POLL_S
         for series in self.store.series_in_state("receiving"):
-            instances = self.store.instances(series.series_uid)
-            progress = series_progress(series, instances, self.config)
+            progress = series_progress(series, self._count_hints.of(series), self.config)
             decision = series_completion(progress, now, self.completion)
             if not isinstance(decision, SeriesComplete):
                 idle_s = min(idle_s, max(decision.remaining_s, 0.0) + 0.001)  # just past the deadline
             if isinstance(decision, SeriesComplete):
+                instances = self.store.instances(series.series_uid)
                 if self.config.uses_content_labels:
                     content = content_header([Path(i.path) for i in instances])
                     series = dataclasses.replace(series, header={**series.header, **content})
@@ -315,6 +344,7 @@ class NodeService:
                     continue  # complete, but a study-level rule waits for other series of the study
                 jobs, note = plan_jobs(self.config, series, instances, self._failed_studies(series, now))
                 if self.store.route_series(series, jobs, note):
+                    self._count_hints.forget(series.series_uid)
                     self._work_queued.set()
                     log.info("series %s complete (%s); %s", series.series_uid, decision.reason, note)
                     self.audit.write("series-routed", series_uid=series.series_uid, study_uid=series.study_uid,

@@ -165,3 +165,31 @@ def test_requirement_without_conditions_is_met_by_any_complete_series():
     rule = StudyRule("any", (StudyRequirement("anything", {}),), timeout_s=10)
     assert isinstance(study_completion(rule, [(SR, True)], 0.0, 1.0), StudyReady)
     assert isinstance(study_completion(rule, [(SR, False)], 0.0, 1.0), StudyWaiting)
+
+
+def test_count_hints_read_incrementally_match_all_headers(tmp_path):
+    """The assemble loop's incremental view (distinct count-hint projections of the rows added since the
+    last poll) gives the same expected count as all headers, and starts again when a series re-opens."""
+    from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
+    from dicom_ai_node.service import CountHintHeaders
+
+    store = JobStore(tmp_path / "db.sqlite")
+
+    def add(numbers, header):
+        store.record_instances([ReceivedInstance(f"1.2.9.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                                 "1.2.9", "1.2.8", "A", f"/x/{n}", 1, header) for n in numbers])
+
+    acquisition = {"Modality": "CT", "AcquisitionNumber": "1", "ImagesInAcquisition": "6", "SliceLocation": "0"}
+    hints = CountHintHeaders(store)
+    add(range(3), acquisition)
+    assert expected_instance_count(hints.of(store.series("1.2.9"))) == 6
+    add(range(3, 5), {**acquisition, "SliceLocation": "5"})  # other values, same projection
+    headers = hints.of(store.series("1.2.9"))
+    assert len(headers) == 1 and expected_instance_count(headers) == 6
+    add([5], {**acquisition, "AcquisitionNumber": "2"})  # a second acquisition: no trustworthy count
+    everything = [i.header for i in store.instances("1.2.9")]
+    assert expected_instance_count(everything) is None
+    assert expected_instance_count(hints.of(store.series("1.2.9"))) is None
+    series = store.series("1.2.9")
+    reopened = dataclasses.replace(series, revision=series.revision + 1)
+    assert len(hints.of(reopened)) == 2  # read again from the first row

@@ -388,6 +388,15 @@ class JobStore:
         )
         return [InstanceRow(r["sop_uid"], r["sop_class_uid"], r["path"], json.loads(r["header"])) for r in rows]
 
+    def instance_headers_since(self, series_uid: str, after_rowid: int) -> list[tuple[int, dict[str, Any]]]:
+        """(rowid, header) of the series' instances recorded after `after_rowid`, oldest first: lets a poller
+        read only what is new (an instance sent again keeps its row, so its new header is not seen)."""
+        rows = self._db().execute(
+            "SELECT rowid, header FROM instances WHERE series_uid=? AND rowid>? ORDER BY rowid",
+            (series_uid, after_rowid),
+        )
+        return [(int(r["rowid"]), json.loads(r["header"])) for r in rows]
+
     def instance_paths(self, series_uid: str) -> list[str]:
         return [i.path for i in self.instances(series_uid)]
 
