@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import start_orthanc  # noqa: E402  (a real Orthanc on free ports, as the tests start it)
+from conftest import free_port, start_orthanc  # noqa: E402  (a real Orthanc on free ports, as the tests start it)
 from dicom_ai_node.assemble import _deadlines  # noqa: E402
 from dicom_ai_node.config import parse_config  # noqa: E402
 from dicom_ai_node.demo import push_datasets  # noqa: E402
@@ -81,12 +81,6 @@ NODULES = {"ct_lung": 0, "ct_nodule_unet": 3}
 STAGES = ("load", "qc", "infer", "write", "validate", "send", "sched")
 POLL_S = 0.01
 RESULTS_PER_SERIES = 3  # SEG, SR, key-image SC
-
-
-def free_port() -> int:
-    from conftest import free_ports
-
-    return free_ports(1)[0]
 
 
 def phantom(pipeline: str, slices: int, size: int, tag: str):
@@ -178,7 +172,7 @@ def node_run(node: NodeService, marks: Marks, orthanc, series, expected: int) ->
     t0, t1 = push_and_wait(node, marks, orthanc, series.datasets, expected)
     series_uid = str(series.datasets[0].SeriesInstanceUID)
     row = node.store.series(series_uid)
-    progress = series_progress(row, node.store.instances(series_uid), node.config)
+    progress = series_progress(row, [i.header for i in node.store.instances(series_uid)], node.config)
     applied = min(d.at for d in _deadlines(progress, t1, completion_policy(node.config)) if not d.forced)
     [job] = node.store.jobs(series_uid)
     db = sqlite3.connect(f"file:{node.config.db_path}?mode=ro", uri=True)

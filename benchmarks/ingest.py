@@ -18,7 +18,6 @@ idle.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics
@@ -35,9 +34,10 @@ from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import PEER_ENV as ENV, free_ports  # noqa: E402  (DCMTK with TCP_NODELAY; distinct free ports)
 from dicom_ai_node.phantom import make_chest_phantom  # noqa: E402
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
 SHIM = r"""
 /* fdatasync every regular file the program wrote, then fsync its folder, when the file is closed */
 #define _GNU_SOURCE
@@ -70,18 +70,6 @@ int fclose(FILE *stream) {
     return real_fclose(stream);
 }
 """
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports: all held open while picking, so the OS cannot hand one out twice."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_port(port: int, timeout: float = 120) -> None:
