@@ -194,14 +194,13 @@ def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instance
     """ReferencedSeriesSequence names the source series, and its `instances_keyword` items source instances."""
     problems = []
     series_uid = str(sources[0].SeriesInstanceUID)
-    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    index = source_index(sources)
     series_items = [i for i in ds.get("ReferencedSeriesSequence", []) if i.get("SeriesInstanceUID") == series_uid]
     if not series_items:
         problems.append(f"{tag_name('ReferencedSeriesSequence')} does not reference source series {series_uid}")
-    index = source_index(sources)
     for item in series_items:
         for ref in item.get(instances_keyword, []):
-            if ref.get("ReferencedSOPInstanceUID") not in source_sops:
+            if ref.get("ReferencedSOPInstanceUID") not in index:
                 problems.append(f"{tag_name(instances_keyword)} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
             problems += frame_problems(ref, index, tag_name(instances_keyword))
@@ -211,11 +210,10 @@ def referenced_series_problems(ds: Dataset, sources: Sequence[Dataset], instance
 def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     """SEG and Parametric Map: the series reference, and every frame derived from a source instance."""
     problems = referenced_series_problems(ds, sources, "ReferencedInstanceSequence")
-    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    index = source_index(sources)
     frames = ds.get("PerFrameFunctionalGroupsSequence", [])
     if not frames:
         problems.append(f"{tag_name('PerFrameFunctionalGroupsSequence')} is missing or empty")
-    index = source_index(sources)
     for number, frame in enumerate(frames, start=1):
         refs = [ref for derivation in frame.get("DerivationImageSequence", [])
                 for ref in derivation.get("SourceImageSequence", [])]
@@ -223,7 +221,7 @@ def frame_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[st
             problems.append(f"frame {number}: {tag_name('DerivationImageSequence')} > "
                             f"{tag_name('SourceImageSequence')} is missing")
         for ref in refs:
-            if ref.get("ReferencedSOPInstanceUID") not in source_sops:
+            if ref.get("ReferencedSOPInstanceUID") not in index:
                 problems.append(f"frame {number}: {tag_name('SourceImageSequence')} names "
                                 f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance")
             problems += frame_problems(ref, index, f"frame {number}: {tag_name('SourceImageSequence')}",
@@ -272,18 +270,17 @@ def sr_image_reference_problems(ds: Dataset, sources: Sequence[Dataset], seg: Da
 def pr_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     """The presentation state applies to source images, and each annotation sits on one of them."""
     problems = referenced_series_problems(ds, sources, "ReferencedImageSequence")
-    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    index = source_index(sources)
     annotations = ds.get("GraphicAnnotationSequence", [])
     if not annotations:
         problems.append(f"{tag_name('GraphicAnnotationSequence')} is missing or empty")
-    index = source_index(sources)
     for number, annotation in enumerate(annotations, start=1):
         refs = annotation.get("ReferencedImageSequence", [])
         if not refs:
             problems.append(f"annotation {number}: {tag_name('ReferencedImageSequence')} is missing or empty")
         problems += [f"annotation {number}: {tag_name('ReferencedImageSequence')} names "
                      f"{ref.get('ReferencedSOPInstanceUID')}, not a source instance"
-                     for ref in refs if ref.get("ReferencedSOPInstanceUID") not in source_sops]
+                     for ref in refs if ref.get("ReferencedSOPInstanceUID") not in index]
         for ref in refs:
             problems += frame_problems(ref, index, f"annotation {number}: {tag_name('ReferencedImageSequence')}")
     return problems
@@ -293,13 +290,12 @@ def sc_reference_problems(ds: Dataset, sources: Sequence[Dataset]) -> list[str]:
     refs = ds.get("SourceImageSequence", [])
     if not refs:
         return [f"{tag_name('SourceImageSequence')} is missing or empty"]
-    source_sops = {str(s.SOPInstanceUID) for s in sources}
+    index = source_index(sources)
     problems = [
         f"{tag_name('SourceImageSequence')} names {ref.get('ReferencedSOPInstanceUID')}, not a source instance"
         for ref in refs
-        if ref.get("ReferencedSOPInstanceUID") not in source_sops
+        if ref.get("ReferencedSOPInstanceUID") not in index
     ]
-    index = source_index(sources)
     for ref in refs:
         problems += frame_problems(ref, index, tag_name("SourceImageSequence"), frame_required=True)
     return problems
