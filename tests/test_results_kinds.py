@@ -20,7 +20,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import EnhancedCTImageStorage, generate_uid
+from pydicom.uid import generate_uid
+from test_imaging import enhanced_ct
 from test_results import ANATOMICAL_STRUCTURE, CLINICAL_FINDING, ML, ORG_ROOT, VOLUME, manifest_in
 
 from dicom_ai_node.imaging import Volume, load_series, load_volume
@@ -224,23 +225,13 @@ def test_radiograph_gets_no_parametric_map_but_a_heatmap_sc(build) -> None:
 
 def enhanced_ct_volume(root: Path) -> Volume:
     """An Enhanced CT Image of the chest phantom (one instance, one frame per slice), loaded: highdicom's
-    legacy conversion relabelled as Enhanced CT (as tests/test_imaging.py builds it), its frames stored
+    legacy conversion relabelled as Enhanced CT (test_imaging.enhanced_ct), its frames stored
     superior first so that frame order and slice order differ."""
     phantom = make_chest_phantom(slices=12, size=64, pixel_spacing_mm=6.0, slice_thickness_mm=25.0,
                                  uid_seed="enhanced")
     datasets = [pydicom.dcmread(path) for path in phantom.write(root / "enhanced-singles")]
     datasets.sort(key=lambda ds: -float(ds.ImagePositionPatient[2]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mf = hd.legacy.LegacyConvertedEnhancedCTImage(
-            legacy_datasets=datasets,
-            series_instance_uid=datasets[0].SeriesInstanceUID,
-            series_number=int(datasets[0].SeriesNumber),
-            sop_instance_uid=generate_uid(entropy_srcs=["results enhanced CT"]),
-            instance_number=1,
-        )
-    mf.SOPClassUID = EnhancedCTImageStorage
-    mf.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    mf = enhanced_ct(datasets, "results enhanced CT")
     folder = root / "enhanced"
     folder.mkdir(parents=True, exist_ok=True)
     mf.save_as(folder / "enhanced.dcm", enforce_file_format=True)
