@@ -44,10 +44,10 @@ from dicom_ai_node.jobs.executor import (
     JobSpec,
     check_input,
     refused_outcome,
-    select_device,
     write_validated_results,
 )
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
+from dicom_ai_node.runtime.device import select_device
 
 try:
     import ray

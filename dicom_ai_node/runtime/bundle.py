@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dicom_ai_node.imaging.volume import Volume
-from dicom_ai_node.runtime.infer import prepare_network, run_inferer
+from dicom_ai_node.runtime.infer import CompiledNetwork, prepare_network, run_inferer
 from dicom_ai_node.runtime.nifti import to_volume_order, write_nifti
 
 log = logging.getLogger("dicom_ai_node.runtime")
@@ -126,7 +126,7 @@ class MonaiBundle:
         # `module` is the network itself (Grad-CAM hooks its layers); `network` is what the inferer calls:
         # the same module, or its torch.compile'd form.
         self.module = prepare_network(load_weights(network, self.folder, device), device, self.meta.spatial_dims)
-        self.network = prepare_network(self.module, device, self.meta.spatial_dims, compile) if compile else self.module
+        self.network = CompiledNetwork(self.module) if compile else self.module
 
     def preprocess(self, volume: Volume, work_dir: Path) -> dict[str, Any]:
         path = write_nifti(volume, work_dir / f"{self.meta.input_key}.nii", self.meta.spatial_dims)

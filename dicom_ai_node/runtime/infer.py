@@ -1,8 +1,8 @@
-"""Running a network fast on its device: memory format, mixed precision, warm-up.
+"""Running a network fast on its device: memory format, mixed precision, compilation.
 
 `prepare_network` puts a network on its device once, when the worker starts (a warm model): eval mode,
 weights in channels-last layout (what oneDNN on CPU and cuDNN tensor cores run fastest; the numbers are the
-same), cuDNN autotuning on GPU, optionally torch.compile. `run_inferer` runs an inferer (the bundle's own
+same), cuDNN autotuning on GPU; `CompiledNetwork` is its torch.compile'd form. `run_inferer` runs an inferer (the bundle's own
 SlidingWindowInferer, or any MONAI inferer) under inference mode with AMP where it applies, and turns a CUDA
 out-of-memory error into DeviceBusy so the job waits instead of failing.
 """
@@ -17,7 +17,7 @@ def channels_last_format(spatial_dims: int):
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
-def prepare_network(network, device: str, spatial_dims: int, compile: bool = False):
+def prepare_network(network, device: str, spatial_dims: int):
     import torch
 
     network = network.to(device).eval()
@@ -25,8 +25,6 @@ def prepare_network(network, device: str, spatial_dims: int, compile: bool = Fal
         network = network.to(memory_format=channels_last_format(spatial_dims))
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed window size: the autotuned kernels are reused
-    if compile:
-        network = CompiledNetwork(torch.compile(network))
     return network
 
 
@@ -34,8 +32,10 @@ class CompiledNetwork:
     """A torch.compile'd network called with plain tensors: MONAI's MetaTensor (what bundle transforms and
     inferers pass) does not go through compiled graphs."""
 
-    def __init__(self, compiled) -> None:
-        self.compiled = compiled
+    def __init__(self, network) -> None:
+        import torch
+
+        self.compiled = torch.compile(network)
 
     def __call__(self, x):
         return self.compiled(x.as_tensor() if hasattr(x, "as_tensor") else x)
