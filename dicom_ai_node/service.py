@@ -263,6 +263,7 @@ class NodeService:
         # wakes the worker threads, a finished job the dispatcher. Each loop still polls every POLL_S.
         self._work_queued = threading.Event()
         self._sends_queued = threading.Event()
+        self._assemble_wake = threading.Event()  # set only by stop(): the assemble loop sleeps to deadlines
         self._assemble_idle_s = POLL_S  # until the earliest completion deadline of a receiving series
         self._threads: list[threading.Thread] = []
         self._next_retention = 0.0
@@ -280,18 +281,23 @@ class NodeService:
             log.info("recovered %d job(s) left running by the previous process", requeued)
         self.executor = make_executor(self.config, self.manifests)
         self.receiver.start()
-        loops = [("assemble", self._assemble_loop, None), ("dispatch", self._dispatch_loop, self._sends_queued)]
+        def poll_s() -> float:
+            return POLL_S
+
+        loops = [("assemble", self._assemble_loop, self._assemble_wake, lambda: self._assemble_idle_s),
+                 ("dispatch", self._dispatch_loop, self._sends_queued, poll_s)]
         # One thread per worker feeds it jobs and records their outcome in the store.
-        loops += [(f"worker-{i}", self._worker_loop, self._work_queued) for i in range(self.executor.workers)]
-        for name, target, wake in loops:
-            thread = threading.Thread(target=self._guarded, args=(name, target, wake), name=name, daemon=True)
+        loops += [(f"worker-{i}", self._worker_loop, self._work_queued, poll_s) for i in range(self.executor.workers)]
+        for name, target, wake, idle_s in loops:
+            thread = threading.Thread(target=self._guarded, args=(name, target, wake, idle_s), name=name,
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        self._work_queued.set()
-        self._sends_queued.set()
+        for wake in (self._work_queued, self._sends_queued, self._assemble_wake):
+            wake.set()
         self.receiver.stop()
         for thread in self._threads:
             thread.join(timeout=30)
@@ -309,19 +315,15 @@ class NodeService:
         finally:
             self.stop()
 
-    def _guarded(self, name: str, loop, wake: threading.Event | None = None) -> None:
+    def _guarded(self, name: str, loop, wake: threading.Event, idle_s) -> None:
         # A stage loop must outlive any single bad series, job or destination: log and carry on.
-        # An idle loop sleeps POLL_S, or until `wake` is set (cleared before each pass, so that no wake-up
-        # set after the pass looked for work is lost); the assemble loop until its next deadline.
+        # An idle loop sleeps idle_s() (POLL_S; the assemble loop: until its next deadline), or until `wake`
+        # is set (cleared before each pass, so that no wake-up set after the pass looked for work is lost).
         while not self._stop.is_set():
             try:
-                if wake is not None:
-                    wake.clear()
+                wake.clear()
                 if not loop():
-                    if wake is not None:
-                        wake.wait(POLL_S)
-                    else:
-                        self._stop.wait(self._assemble_idle_s if name == "assemble" else POLL_S)
+                    wake.wait(idle_s())
             except Exception:  # noqa: BLE001
                 log.exception("%s loop error; continuing", name)
                 self._stop.wait(1.0)
