@@ -78,7 +78,7 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
                   f"torch.compile {'on' if model.compile else 'off'}); needs {manifest.gpu_memory_mb} MB GPU memory")
         rules = [r.name for r in config.rules if manifest.name in r.pipelines]
         state = f"enabled by rule(s) {', '.join(rules)}" if rules else "not used by any rule"
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(jobs[manifest.name].items()))
+        counts = ", ".join(f"{n} {job_state}" for job_state, n in sorted(jobs[manifest.name].items()))
         print(f"  state: {state}; jobs: {counts or 'none yet'}")
     return 0
 
