@@ -9,7 +9,9 @@ and 4 concurrent associations (storescu processes), it prints images/s and MB/s 
   its row in the SQLite WAL);
 - the node: `dicom-ai-node serve` with no rules, so only receiving is measured;
 and the ratios node/storescp and node/storescp+fsync. Each figure is the median of --repeat runs, the
-three servers taking turns. The node's peak RSS is reported per row, and with --big-gb the node receives
+three servers taking turns. Each server first receives an untimed warm-up set (as many instances of the
+same kind, other UIDs): the node is measured as it runs in a hospital, with its ingest journal's segments
+already allocated, not as it starts on an empty disk (with --cold, without the warm-up). The node's peak RSS is reported per row, and with --big-gb the node receives
 one study of that size (512x512 slices, 4 associations) while its RSS is sampled: idle, peak, peak above
 idle.
 
@@ -184,7 +186,8 @@ class Node:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-def measure(work: Path, files: list[Path], parallel: int, repeat: int, shim: Path | None) -> dict[str, float]:
+def measure(work: Path, files: list[Path], warm_up: list[Path], parallel: int, repeat: int,
+            shim: Path | None) -> dict[str, float]:
     seconds: dict[str, list[float]] = {"storescp": [], "storescp+fsync": [], "node": []}
     peak = 0.0
     for _ in range(repeat):
@@ -192,6 +195,9 @@ def measure(work: Path, files: list[Path], parallel: int, repeat: int, shim: Pat
             if name == "node":
                 node = Node(work)
                 try:
+                    if warm_up:
+                        send(node.port, "NODE", warm_up, parallel)
+                        time.sleep(2.0)  # the journal's checkpoint after the warm-up, as when a sender pauses
                     seconds[name].append(send(node.port, "NODE", files, parallel))
                     peak = max(peak, node.peak_rss())
                 finally:
@@ -199,6 +205,9 @@ def measure(work: Path, files: list[Path], parallel: int, repeat: int, shim: Pat
             elif name == "storescp" or shim is not None:
                 reference = Storescp(work, shim if name == "storescp+fsync" else None)
                 try:
+                    if warm_up:
+                        send(reference.port, "REF", warm_up, parallel)
+                        time.sleep(2.0)
                     seconds[name].append(send(reference.port, "REF", files, parallel))
                 finally:
                     reference.stop()
@@ -240,18 +249,21 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is shown)")
     parser.add_argument("--big-gb", type=float, default=0.0, help="also receive one study of this many GB "
                         "(512x512 slices, 4 associations) and report the node's RSS; 0: skip")
+    parser.add_argument("--cold", action="store_true", help="no warm-up set: each server starts on an empty disk")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.work))
     try:
         shim = build_shim(work)
-        datasets = {"CT_small": small_files(work / "small", args.small),
-                    "512x512 CT": large_files(work / "large", args.large)}
+        datasets = {"CT_small": (small_files(work / "small", args.small),
+                                 [] if args.cold else small_files(work / "small-warm-up", args.small)),
+                    "512x512 CT": (large_files(work / "large", args.large),
+                                   [] if args.cold else large_files(work / "large-warm-up", args.large))}
         rows = []
-        for label, files in datasets.items():
+        for label, (files, warm_up) in datasets.items():
             megabytes = sum(p.stat().st_size for p in files) / 1e6
             for parallel in (1, 4):
-                result = measure(work, files, parallel, args.repeat, shim)
+                result = measure(work, files, warm_up, parallel, args.repeat, shim)
                 rows.append((label, parallel, len(files), megabytes, result))
         header = (f"{'data':<11} {'assoc':>5} {'storescp img/s':>14} {'+fsync img/s':>12} {'node img/s':>10} "
                   f"{'ratio':>6} {'ratio fsync':>11} {'storescp MB/s':>13} {'+fsync MB/s':>11} {'node MB/s':>9} "

@@ -658,6 +658,20 @@ class IncomingInstance:
             return parse_dataset(view, self.meta_size, self.transfer_syntax_uid, self.sop_class_uid,
                                  self.sop_instance_uid)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the whole instance is held in memory (then `parts` are its file's bytes)."""
+        return self._fd is None
+
+    @property
+    def parts(self) -> tuple[bytes, bytearray]:
+        return self.meta, self._data
+
+    def check(self) -> tuple[Path, InstanceHeader]:
+        """Check an instance held in memory (InvalidInstance) without writing it: its final path, header."""
+        header = self._parse()
+        return instance_path(self.spool_dir, header), header
+
     def commit(self, sync_folder: bool = True) -> tuple[Path, InstanceHeader]:
         """Check the instance (InvalidInstance), then make it durable under its final name (OSError).
 

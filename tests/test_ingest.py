@@ -2,9 +2,12 @@
 and the upper-layer acceptor against real pynetdicom and DCMTK peers (a Receiver on a free port)."""
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,14 +20,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import free_port
+from conftest import PEER_ENV, REPO, free_port, node_yaml, require_tool
 from dicom_ai_node import spool
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import parse_config
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
-from dicom_ai_node.receive.groupcommit import GroupCommit
+from dicom_ai_node.receive import journal as ingest_journal
+from dicom_ai_node.receive.journal import IngestJournal, read_segment
 from dicom_ai_node.receive.scp import Receiver
 from dicom_ai_node.spool import IncomingInstance, InvalidInstance, parse_dataset, parse_instance, parse_with_pydicom
 
@@ -198,15 +203,49 @@ def _instance(i: int, series: str = "1.2.3") -> ReceivedInstance:
                             calling_ae="PACS", path=f"/spool/{i}.dcm", size=1, header={"Modality": "CT"})
 
 
-def test_group_commit_records_concurrent_instances_in_shared_transactions(tmp_path):
-    store = JobStore(tmp_path / "state.sqlite3")
-    group = GroupCommit(store)
-    errors = []
+def _received(ds: Dataset, spool_dir: Path) -> tuple[ReceivedInstance, tuple]:
+    """A CT_small as the receiver journals it: its row and its file's bytes (file meta, dataset)."""
+    meta = spool.file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian)
+    data = encode(ds, False, True)  # explicit VR little endian, as the dataset travels
+    instance = ReceivedInstance(
+        sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID), calling_ae="PACS",
+        path=str(spool_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"),
+        size=len(meta) + len(data), header={"Modality": "CT"})
+    return instance, (meta, bytearray(data))
+
+
+def _ct_series(count: int) -> list[Dataset]:
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series = generate_uid()
+    out = []
+    for i in range(count):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = series, generate_uid(), i + 1
+        out.append(ds)
+    return out
+
+
+@pytest.fixture
+def no_checkpoints(monkeypatch):
+    """The placer places but never checkpoints, as if the process died before its first checkpoint."""
+    monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 1e9)
+    monkeypatch.setattr(ingest_journal, "CHECKPOINT_EVERY_S", 1e9)
+
+
+def test_journal_appends_from_several_threads_are_placed_recorded_and_checkpointed(tmp_path):
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
+    assert journal.recover() == 0
+    journal.start()
+    datasets = _ct_series(100)
+    received = [_received(ds, spool_dir) for ds in datasets]
+    seqs, errors = [], []
 
     def deliver(worker: int) -> None:
-        for i in range(25):
+        for instance, parts in received[worker::4]:
             try:
-                group.commit(tmp_path, _instance(worker * 100 + i))
+                seqs.append(journal.append(instance, parts))
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -215,12 +254,105 @@ def test_group_commit_records_concurrent_instances_in_shared_transactions(tmp_pa
         t.start()
     for t in threads:
         t.join()
-    assert not errors
-    assert len(store.instances("1.2.3")) == 100 and store.series("1.2.3").instances == 100
-    assert group.recorded == 100 and group.batches <= 100
+    assert not errors and sorted(seqs) == list(range(1, 101))
+    assert journal.wait_placed(100, timeout=30)
+    series = str(datasets[0].SeriesInstanceUID)
+    assert store.series(series).instances == 100 and len(store.instances(series)) == 100
+    for instance, parts in received:
+        assert Path(instance.path).read_bytes() == b"".join(parts)  # the file is what was journalled
+        assert pydicom.dcmread(instance.path).SOPInstanceUID == instance.sop_uid
+    assert journal.stats.flushes <= 100  # appends that met shared one flush
+    journal.close()
+    assert store.journal_checkpoint() == 100  # closing places and checkpoints everything
+    assert not list(spool_dir.rglob(".*.tmp"))
 
 
-def test_group_commit_fails_only_the_instance_that_cannot_be_recorded(tmp_path):
+def test_journal_replays_what_was_acknowledged_but_not_placed(tmp_path, no_checkpoints):
+    """A crash after the C-STOREs were answered and before the placer wrote their files and rows (here:
+    the placer of the dead process never ran). A new process replays them from the journal."""
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    dead = IngestJournal(tmp_path / "journal", spool_dir, store)
+    dead.recover()
+    dead._closed = False  # noqa: SLF001 - accepts appends, but its placer is never started: it "died"
+    received = [_received(ds, spool_dir) for ds in _ct_series(5)]
+    for instance, parts in received:
+        dead.append(instance, parts)
+    assert not list(spool_dir.rglob("*.dcm")) and store.series(received[0][0].series_uid) is None
+
+    journal = IngestJournal(tmp_path / "journal", spool_dir, JobStore(tmp_path / "state.sqlite3"))
+    assert journal.recover() == 5
+    assert store.series(received[0][0].series_uid).instances == 5
+    for instance, parts in received:
+        assert Path(instance.path).read_bytes() == b"".join(parts)
+    assert store.journal_checkpoint() == 5
+    # Replayed once: a further start finds nothing after the checkpoint.
+    assert IngestJournal(tmp_path / "journal", spool_dir, store).recover() == 0
+
+
+def test_replay_of_placed_instances_rewrites_files_but_does_not_reopen_their_series(tmp_path, no_checkpoints):
+    """Placed and recorded, series already routed, but no checkpoint yet when the process died: the replay
+    restores the files (whatever the power cut left of them) and leaves rows and series as they are."""
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
+    journal.recover()
+    journal.start()
+    received = [_received(ds, spool_dir) for ds in _ct_series(3)]
+    for instance, parts in received:
+        last = journal.append(instance, parts)
+    assert journal.wait_placed(last, timeout=30)
+    series = received[0][0].series_uid
+    assert store.route_series(store.series(series), [], "no rule matched")
+    Path(received[1][0].path).write_bytes(b"")  # what a power cut may leave of a file never flushed
+
+    again = IngestJournal(tmp_path / "journal", spool_dir, store)
+    assert again.recover() == 3
+    assert Path(received[1][0].path).read_bytes() == b"".join(received[1][1])
+    row = store.series(series)
+    assert (row.state, row.revision, row.instances) == ("unrouted", 1, 3)
+
+
+def test_segment_scan_stops_at_a_torn_corrupt_or_stale_record(tmp_path):
+    spool_dir = tmp_path / "spool"
+    records = [ingest_journal._Record.encode(*_received(ds, spool_dir), False) for ds in _ct_series(3)]  # noqa: SLF001
+    segment = tmp_path / "segment.wal"
+
+    def write(seqs: list[int]) -> bytes:
+        data = b"".join(b"".join(bytes(b) for b in r.buffers(seq)) for r, seq in zip(records, seqs))
+        segment.write_bytes(data)
+        return data
+
+    data = write([7, 8, 9])
+    assert [e.seq for e in read_segment(segment)] == [7, 8, 9]
+    segment.write_bytes(data[:-100])  # the last record torn
+    assert [e.seq for e in read_segment(segment)] == [7, 8]
+    corrupt = bytearray(data)
+    corrupt[records[0].size + 500] ^= 0xFF  # a flipped byte in the second record's data
+    segment.write_bytes(bytes(corrupt))
+    assert [e.seq for e in read_segment(segment)] == [7]
+    write([7, 8, 3])  # a stale record of the segment's previous use follows the new ones
+    assert [e.seq for e in read_segment(segment)] == [7, 8]
+    entry = read_segment(segment)[1]
+    assert b"".join(entry.parts) == b"".join(bytes(p) for p in records[1].parts)
+
+
+def test_segments_are_reused_after_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 0.0)
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    journal = IngestJournal(tmp_path / "journal", spool_dir, store, segment_bytes=100_000)  # ~2 CT_small each
+    journal.recover()
+    journal.start()
+    received = [_received(ds, spool_dir) for ds in _ct_series(40)]
+    for instance, parts in received:
+        last = journal.append(instance, parts)
+    assert journal.wait_placed(last, timeout=30)
+    journal.close()
+    segments = list((tmp_path / "journal").glob("*.wal"))
+    assert 1 <= len(segments) <= 1 + ingest_journal.SPARE_SEGMENTS + 1  # bounded, however many were written
+    assert store.journal_checkpoint() == 40 and journal.stats.checkpoints >= 2
+    assert IngestJournal(tmp_path / "journal", spool_dir, store).recover() == 0
+
+
+def test_recording_a_batch_fails_only_the_instance_that_cannot_be_recorded(tmp_path):
     store = JobStore(tmp_path / "state.sqlite3")
     bad = ReceivedInstance(**{**_instance(1).__dict__, "header": {"Modality": object()}})  # not JSON
     outcomes = store.record_instances([_instance(0), bad, _instance(2)])
@@ -338,7 +470,6 @@ def test_connection_lost_mid_dataset_stores_and_records_nothing(receiver, monkey
     context_id = assoc.accepted_contexts[0].context_id
     ds = _ct()
     from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.dsutils import encode
 
     request = C_STORE()
     request.MessageID, request.AffectedSOPClassUID = 1, CTImageStorage
@@ -409,3 +540,61 @@ def test_deflated_and_big_endian_instances_are_received(receiver, tmp_path):
     meta = spool._read_file_meta(raw.getvalue())  # noqa: SLF001
     with pytest.raises(InvalidInstance, match="deflate"):
         parse_dataset(raw.getvalue()[:-100], meta[1], meta[0], str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+CRASHING_RECEIVER = """
+import sys, threading
+from dicom_ai_node.audit import AuditLog
+from dicom_ai_node.config import load_config
+from dicom_ai_node.jobs.store import JobStore
+from dicom_ai_node.receive.journal import IngestJournal
+from dicom_ai_node.receive.scp import Receiver
+
+IngestJournal._place = lambda self, batch: threading.Event().wait()  # the placer stalls: nothing placed
+config = load_config(sys.argv[1])
+receiver = Receiver(config, JobStore(config.db_path), AuditLog(config.audit_path))
+receiver.start()
+print("listening", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_instances_acknowledged_to_storescu_survive_a_kill_before_they_are_placed(tmp_path):
+    """DCMTK storescu gets 0x0000 for each instance; the node is then killed (SIGKILL) before it wrote a
+    single spool file or row. The next start replays all of them from the journal, byte for byte."""
+    require_tool("storescu")
+    port = free_port()
+    config_path = tmp_path / "node.yaml"
+    config_path.write_text(node_yaml(tmp_path / "node", port).replace(
+        "min_free_disk_mb: 1", "min_free_disk_mb: 1\n  network_timeout_s: 2"))
+    child = subprocess.Popen([sys.executable, "-c", CRASHING_RECEIVER, str(config_path)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline().strip() == "listening"
+        files = []
+        for ds in _ct_series(6):
+            path = tmp_path / "send" / f"{ds.SOPInstanceUID}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            files.append((ds, path))
+        sent = subprocess.run(["storescu", "-aet", "PACS", "-aec", NODE_AE, "127.0.0.1", str(port),
+                               *[str(p) for _, p in files]], env=PEER_ENV, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr  # every instance was answered with success
+    finally:
+        child.kill()
+        child.wait()
+    config = parse_config(config_path.read_text())
+    assert not list(config.spool_dir.rglob("*.dcm"))  # the dead process placed nothing
+    store = JobStore(config.db_path)
+    receiver = Receiver(config, store, AuditLog(config.audit_path))
+    receiver.start()
+    try:
+        assert receiver.journal.stats.replayed == 6
+        series = str(files[0][0].SeriesInstanceUID)
+        rows = {row.sop_uid: row for row in store.instances(series)}
+        assert sorted(rows) == sorted(str(ds.SOPInstanceUID) for ds, _ in files)
+        for ds, _ in files:
+            stored = pydicom.dcmread(rows[str(ds.SOPInstanceUID)].path)
+            assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
+    finally:
+        receiver.stop()

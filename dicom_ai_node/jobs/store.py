@@ -99,6 +99,10 @@ CREATE TABLE IF NOT EXISTS sends (
     UNIQUE(job_id, sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt);
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    checkpoint_seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
@@ -303,10 +307,21 @@ class JobStore:
         with self._tx() as db:
             return self._record(db, instance)
 
-    def record_instances(self, batch: list[ReceivedInstance]) -> list[bool | Exception]:
-        """Record several stored instances in one transaction, so one fsync of the WAL makes all of them
-        durable (the receiver's group commit). Each gets its outcome: re-opened (bool) or the error. When
-        the transaction fails, each instance is retried alone, so one bad row fails only its own C-STORE."""
+    def record_instances(self, batch: list[ReceivedInstance], durable: bool = True) -> list[bool | Exception]:
+        """Record several stored instances in one transaction. Each gets its outcome: re-opened (bool) or
+        the error. When the transaction fails, each instance is retried alone, so one bad row fails only
+        its own instance. durable=False skips the WAL fsync: for the ingest journal, which already holds
+        the instances and makes the rows durable at its checkpoint (`save_journal_checkpoint`)."""
+        db = self._db()
+        if not durable:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return self._record_all(batch)
+        finally:
+            if not durable:
+                db.execute("PRAGMA synchronous=FULL")
+
+    def _record_all(self, batch: list[ReceivedInstance]) -> list[bool | Exception]:
         try:
             with self._tx() as db:
                 return [self._record(db, instance) for instance in batch]
@@ -318,22 +333,38 @@ class JobStore:
             try:
                 with self._tx() as db:
                     outcomes.append(self._record(db, instance))
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting C-STORE
+            except Exception as exc:  # noqa: BLE001 - handed back with its instance
                 outcomes.append(exc)
         return outcomes
+
+    def instance_recorded(self, sop_uid: str, path: str, size: int) -> bool:
+        """Whether this very file (path and size) is recorded for the instance already."""
+        row = self._db().execute("SELECT path, size FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+        return row is not None and row["path"] == path and row["size"] == size
+
+    def journal_checkpoint(self) -> int:
+        """The ingest journal's last checkpoint: every instance journalled up to it is placed and durable."""
+        row = self._db().execute("SELECT checkpoint_seq FROM journal WHERE id=1").fetchone()
+        return 0 if row is None else int(row["checkpoint_seq"])
+
+    def save_journal_checkpoint(self, seq: int) -> None:
+        """Commit the checkpoint with a WAL fsync, which also makes every row committed before it durable."""
+        with self._tx() as db:
+            db.execute("INSERT INTO journal(id, checkpoint_seq) VALUES (1, ?)"
+                       " ON CONFLICT(id) DO UPDATE SET checkpoint_seq=excluded.checkpoint_seq", (seq,))
 
     @staticmethod
     def _record(db: sqlite3.Connection, instance: ReceivedInstance) -> bool:
         i, now = instance, instance.received
+        header = json.dumps(i.header)
         row = db.execute("SELECT state FROM series WHERE series_uid=?", (i.series_uid,)).fetchone()
         if row is None:
             db.execute(
                 "INSERT INTO series(series_uid, study_uid, calling_ae, modality, state, first_received,"
                 " last_received, last_association, header, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (i.series_uid, i.study_uid, i.calling_ae, str(i.header.get("Modality", "")), "receiving", now, now,
-                 i.association_id, json.dumps(i.header), now),
+                 i.association_id, header, now),
             )
-        header = json.dumps(i.header)
         is_new = db.execute(
             "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, transfer_syntax_uid, path, size, header,"
             " received) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING",

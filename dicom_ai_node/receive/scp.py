@@ -1,11 +1,12 @@
 """The DICOM listener: association policy, C-ECHO, and C-STORE into the durable spool.
 
-An instance is answered 0x0000 only after its file is fdatasynced and renamed into the spool, its folder
-fsynced and its row committed in the job store; any failure before that gets a failure status, so the
-sender keeps its copy and retries. The association runs on `ul.Acceptor` (blocking I/O, a thread per
-association), the dataset goes to the spool as it arrives and is checked without being decoded
-(`spool.IncomingInstance`), and the folder fsyncs and row commits of instances that several associations
-deliver at the same moment are shared (`groupcommit.GroupCommit`).
+An instance is answered 0x0000 only once it is on disk: checked without being decoded
+(`spool.IncomingInstance`), then appended to the ingest journal and flushed (`journal.IngestJournal`, one
+flush shared by the associations that deliver at the same moment), from which it is placed in the spool
+and recorded in the job store. An instance too large to hold in memory is streamed to its spool file,
+which is fdatasynced and its folder fsynced before its row is journalled. Any failure before that gets a
+failure status, so the sender keeps its copy and retries. Associations run on `ul.Acceptor` (blocking I/O,
+a thread per association); the release of an association is recorded once its instances are.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pydicom.uid import AllTransferSyntaxes, UID
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
-from dicom_ai_node.receive.groupcommit import GroupCommit
+from dicom_ai_node.receive.journal import IngestJournal
 from dicom_ai_node.receive.ul import REJECT_CALLING_AE, Acceptor, Association, StoreRequest
 from dicom_ai_node.spool import IncomingInstance, InvalidInstance
 
@@ -98,7 +99,7 @@ class Receiver:
         self.audit = audit
         self.policy = AssociationPolicy.from_config(config)
         self.contexts = supported_contexts()
-        self.group_commit = GroupCommit(store)
+        self.journal = IngestJournal(config.node.data_dir / "journal", config.spool_dir, store)
         self.acceptor: Acceptor | None = None
 
     @property
@@ -109,6 +110,8 @@ class Receiver:
     def start(self) -> None:
         node = self.config.node
         self.config.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.journal.recover()  # instances acknowledged by a process that died before placing them
+        self.journal.start()
         self.acceptor = Acceptor(
             node.bind_address, node.port, self, self.contexts, ae_title=node.ae_title,
             require_called_ae=not node.accept_any_called_ae, max_associations=node.max_associations,
@@ -123,6 +126,7 @@ class Receiver:
         if self.acceptor is not None:
             self.acceptor.stop()
             self.acceptor = None
+        self.journal.close()
 
     # -- ul.Service ------------------------------------------------------------------------------------
 
@@ -140,8 +144,15 @@ class Receiver:
         self.store.association_opened(assoc.state["id"], assoc.calling_ae, assoc.address)
 
     def released(self, assoc: Association) -> None:
-        if "id" in assoc.state:
+        if "id" not in assoc.state:
+            return
+        # The release shortens the wait for the series; record it only once the association's instances
+        # are recorded, or the series could be assembled without them.
+        if self.journal.wait_placed(assoc.state.get("last_seq", 0), self.config.node.network_timeout_s):
             self.store.association_released(assoc.state["id"])
+        else:
+            log.warning("association %s released before its instances were placed (%s): its series complete "
+                        "by their quiet period", assoc.state["id"], self.journal.stats.last_error or "slow disk")
 
     def echo(self, assoc: Association) -> int:
         return STATUS_SUCCESS
@@ -206,8 +217,12 @@ class _IncomingStore:
         if incoming is None:
             return self.status
         receiver, calling_ae = self.receiver, self.assoc.calling_ae
+        in_memory = incoming.in_memory
         try:
-            path, header = incoming.commit(sync_folder=False)  # the group commit syncs the folder
+            if in_memory:
+                path, header = incoming.check()
+            else:  # streamed to its file: made durable there, only its row goes through the journal
+                path, header = incoming.commit()
         except InvalidInstance as exc:
             incoming.discard()
             log.error("C-STORE %s from %s refused: %s", self.sop_uid, calling_ae, exc)
@@ -221,18 +236,23 @@ class _IncomingStore:
             incoming.discard()
             log.exception("C-STORE %s not stored", self.sop_uid)
             return STATUS_PROCESSING_FAILURE
+        instance = ReceivedInstance(
+            sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
+            study_uid=header.study_uid, calling_ae=calling_ae, path=str(path),
+            size=incoming.meta_size + incoming.dataset_size, header=header.routing_header,
+            association_id=self.assoc.state.get("id"),
+        )
         try:
-            receiver.group_commit.commit(path.parent, ReceivedInstance(
-                sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
-                study_uid=header.study_uid, calling_ae=calling_ae, path=str(path),
-                size=incoming.meta_size + incoming.dataset_size, header=header.routing_header,
-                association_id=self.assoc.state.get("id"),
-            ))
+            if in_memory:
+                seq = receiver.journal.append(instance, incoming.parts)
+            else:
+                seq = receiver.journal.append(instance, in_place=True)
         except OSError as exc:
-            log.error("C-STORE %s not recorded: %s", self.sop_uid, exc.strerror or exc)
+            log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
             return STATUS_OUT_OF_RESOURCES
         except Exception:  # noqa: BLE001
-            log.exception("C-STORE %s not recorded", self.sop_uid)
+            log.exception("C-STORE %s not stored", self.sop_uid)
             return STATUS_PROCESSING_FAILURE
+        self.assoc.state["last_seq"] = seq
         return STATUS_SUCCESS
