@@ -4,22 +4,23 @@ For small instances (pydicom's CT_small, re-UIDed) and 512x512 CT slices (the ph
 and 4 concurrent associations (storescu processes), it prints images/s and MB/s of
 - storescp: plain `storescp --fork`, which fsyncs nothing (the issue's reference);
 - storescp+fsync: the same with an LD_PRELOAD shim (built here with cc, skipped without one) that
-  fdatasyncs every file storescp writes and fsyncs its folder before storescp answers: a like-for-like
-  reference for the node, which makes each instance durable before acknowledging it (file, folder and
-  its row in the SQLite WAL);
-- the node: `dicom-ai-node serve` with no rules, so only receiving is measured;
-and the ratios node/storescp and node/storescp+fsync. Each figure is the median of --repeat runs, the
-three servers taking turns. Each server first receives an untimed warm-up set (as many instances of the
-same kind, other UIDs): the node is measured as it runs in a hospital, with its ingest journal's segments
-already allocated, not as it starts on an empty disk (with --cold, without the warm-up). The node's peak RSS is reported per row, and with --big-gb the node receives
-one study of that size (512x512 slices, 4 associations) while its RSS is sampled: idle, peak, peak above
-idle.
+  fdatasyncs every file storescp writes and fsyncs its folder before storescp answers: a reference with
+  the node's promise (an acknowledged instance is on disk);
+- node: `dicom-ai-node serve` with no rules, so only receiving is measured (receive_processes: 1, the
+  default), and the same with `receive_processes: 2`;
+and each one's ratio to storescp. Each figure is the median of --repeat runs, the servers taking turns.
+Each server first receives an untimed warm-up set (as many instances of the same kind, other UIDs): the
+node is measured as it runs in a hospital, with its ingest journal's segments allocated, not as on its
+first start on an empty disk (--cold: no warm-up). The node's peak RSS (with its child processes) is
+reported per row, and with --big-gb the node receives one study of that size (512x512 slices, 4
+associations) while its RSS is sampled: idle, peak, peak above idle.
 
-    .venv/bin/python benchmarks/ingest.py [--small 1000] [--large 300] [--repeat 3] [--big-gb 2]
+    .venv/bin/python benchmarks/ingest.py [--small 1000] [--large 300] [--repeat 3] [--big-gb 2] [--cold]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import socket
 import statistics
@@ -140,10 +141,26 @@ def send(port: int, ae_title: str, files: list[Path], parallel: int) -> float:
 
 
 def rss_mb(pid: int, field: str = "VmRSS:") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """A process's memory with all its descendants' (the receive processes, the pipeline worker)."""
+    total = 0.0
+    for process in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{process}/status").read_text().splitlines():
+                if line.startswith(field):
+                    total += int(line.split()[1]) / 1024
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children + [d for c in children for d in descendants(c)]
 
 
 class Storescp:
@@ -164,13 +181,13 @@ class Storescp:
 
 
 class Node:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, receive_processes: int = 1) -> None:
         self.data = work / "node"
         shutil.rmtree(self.data, ignore_errors=True)
         self.port = free_ports(1)[0]
         config = work / "node.yaml"
         config.write_text(f"node: {{port: {self.port}, bind_address: 127.0.0.1, data_dir: {self.data}, "
-                          f"min_free_disk_mb: 1, ae_title: NODE}}\nrules: []\n")
+                          f"min_free_disk_mb: 1, ae_title: NODE, receive_processes: {receive_processes}}}\nrules: []\n")
         self.process = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config)],
                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
@@ -186,34 +203,33 @@ class Node:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
+SERVERS = ("storescp", "storescp+fsync", "node", "node, 2 receive processes")
+
+
 def measure(work: Path, files: list[Path], warm_up: list[Path], parallel: int, repeat: int,
-            shim: Path | None) -> dict[str, float]:
-    seconds: dict[str, list[float]] = {"storescp": [], "storescp+fsync": [], "node": []}
-    peak = 0.0
+            shim: Path | None) -> dict[str, tuple[float, float]]:
+    """Median seconds and peak RSS (MB, the node's only) of each server."""
+    seconds: dict[str, list[float]] = {name: [] for name in SERVERS}
+    peak: dict[str, float] = {name: float("nan") for name in SERVERS}
     for _ in range(repeat):
-        for name in seconds:
-            if name == "node":
-                node = Node(work)
-                try:
-                    if warm_up:
-                        send(node.port, "NODE", warm_up, parallel)
-                        time.sleep(2.0)  # the journal's checkpoint after the warm-up, as when a sender pauses
-                    seconds[name].append(send(node.port, "NODE", files, parallel))
-                    peak = max(peak, node.peak_rss())
-                finally:
-                    node.stop()
-            elif name == "storescp" or shim is not None:
-                reference = Storescp(work, shim if name == "storescp+fsync" else None)
-                try:
-                    if warm_up:
-                        send(reference.port, "REF", warm_up, parallel)
-                        time.sleep(2.0)
-                    seconds[name].append(send(reference.port, "REF", files, parallel))
-                finally:
-                    reference.stop()
-    result = {name: statistics.median(s) for name, s in seconds.items() if s}
-    result["peak_rss"] = peak
-    return result
+        for name in SERVERS:
+            if name == "storescp+fsync" and shim is None:
+                continue
+            if name.startswith("node"):
+                server: Node | Storescp = Node(work, 2 if "2 receive" in name else 1)
+                ae_title = "NODE"
+            else:
+                server, ae_title = Storescp(work, shim if name == "storescp+fsync" else None), "REF"
+            try:
+                if warm_up:
+                    send(server.port, ae_title, warm_up, parallel)
+                    time.sleep(2.0)  # the node's journal checkpoints when the sender pauses
+                seconds[name].append(send(server.port, ae_title, files, parallel))
+                if isinstance(server, Node):
+                    peak[name] = server.peak_rss() if math.isnan(peak[name]) else max(peak[name], server.peak_rss())
+            finally:
+                server.stop()
+    return {name: (statistics.median(s), peak[name]) for name, s in seconds.items() if s}
 
 
 def big_study(work: Path, gigabytes: float, parallel: int = 4) -> tuple[int, float, float, float, float, float]:
@@ -265,18 +281,13 @@ def main() -> int:
             for parallel in (1, 4):
                 result = measure(work, files, warm_up, parallel, args.repeat, shim)
                 rows.append((label, parallel, len(files), megabytes, result))
-        header = (f"{'data':<11} {'assoc':>5} {'storescp img/s':>14} {'+fsync img/s':>12} {'node img/s':>10} "
-                  f"{'ratio':>6} {'ratio fsync':>11} {'storescp MB/s':>13} {'+fsync MB/s':>11} {'node MB/s':>9} "
-                  f"{'node peak RSS MB':>16}")
-        print(header)
-        for label, parallel, n, megabytes, r in rows:
-            fsync_s = r.get("storescp+fsync")
-            fsync_ips = f"{n / fsync_s:12.1f}" if fsync_s else f"{'-':>12}"
-            fsync_mbs = f"{megabytes / fsync_s:11.1f}" if fsync_s else f"{'-':>11}"
-            fsync_ratio = f"{fsync_s / r['node']:11.2f}" if fsync_s else f"{'-':>11}"
-            print(f"{label:<11} {parallel:>5} {n / r['storescp']:14.1f} {fsync_ips} {n / r['node']:10.1f} "
-                  f"{r['storescp'] / r['node']:6.2f} {fsync_ratio} {megabytes / r['storescp']:13.1f} {fsync_mbs} "
-                  f"{megabytes / r['node']:9.1f} {r['peak_rss']:16.0f}")
+        print(f"{'data':<11} {'assoc':>5}  {'server':<27} {'img/s':>7} {'MB/s':>7} {'ratio':>6} {'peak RSS MB':>11}")
+        for label, parallel, n, megabytes, result in rows:
+            reference = result["storescp"][0]
+            for name, (seconds, peak) in result.items():
+                rss = f"{'':>11}" if math.isnan(peak) else f"{peak:11.0f}"
+                print(f"{label:<11} {parallel:>5}  {name:<27} {n / seconds:7.1f} {megabytes / seconds:7.1f} "
+                      f"{reference / seconds:6.2f} {rss}")
         if shim is None:
             print("(no C compiler: storescp+fsync not measured)")
         if args.big_gb > 0:

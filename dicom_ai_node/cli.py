@@ -16,9 +16,9 @@ log = logging.getLogger("dicom_ai_node")
 SWITCH_INTERVAL_S = 0.0005
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(level: int) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ManifestError) as exc:

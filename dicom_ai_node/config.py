@@ -56,6 +56,8 @@ class NodeSettings(Strict):
     institution_name: str | None = None
     accept_any_called_ae: bool = False
     max_associations: int = Field(16, ge=1, le=256)
+    # Processes that receive (each with its own GIL and ingest journal); 1 receives in the node's process.
+    receive_processes: int = Field(1, ge=1, le=32)
     max_pdu_bytes: int = Field(0, ge=0)  # 0 = unlimited, which lets senders use their largest PDUs
     max_instance_mb: int = Field(2048, ge=1)
     min_free_disk_mb: int = Field(1024, ge=0)  # below this, C-STORE answers 0xA700 Out of Resources
@@ -266,6 +268,10 @@ class NodeConfig(Strict):
     @property
     def outbox_dir(self) -> Path:
         return self.node.data_dir / "outbox"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.node.data_dir / "journal"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -47,6 +47,7 @@ from dicom_ai_node.jobs.executor import (
 from dicom_ai_node.jobs.store import InstanceRow, JobRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
 from dicom_ai_node.runtime.device import DeviceBusy
+from dicom_ai_node.receive.pool import ReceiverPool
 from dicom_ai_node.receive.scp import Receiver
 from dicom_ai_node.route import header_values, parse_condition, route
 
@@ -251,7 +252,9 @@ class NodeService:
         self.manifests = load_pipelines(config)
         self.store = JobStore(config.db_path)
         self.audit = AuditLog(config.audit_path)
-        self.receiver = Receiver(config, self.store, self.audit)
+        self.receiver: Receiver | ReceiverPool = (
+            ReceiverPool(config, self.store, self.audit, config.node.receive_processes)
+            if config.node.receive_processes > 1 else Receiver(config, self.store, self.audit))
         self.dispatcher = Dispatcher(config, self.store, self.audit)
         self.completion = completion_policy(config)
         self._count_hints = CountHintHeaders(self.store)

@@ -50,11 +50,13 @@ def require_tool(name: str) -> str:
     return path
 
 
-def node_config(data_dir: Path, port: int, extra_yaml: str = "") -> NodeConfig:
-    return parse_config(node_yaml(data_dir, port, extra_yaml), "test node.yaml")
+def node_config(data_dir: Path, port: int, extra_yaml: str = "", node_options: str = "") -> NodeConfig:
+    return parse_config(node_yaml(data_dir, port, extra_yaml, node_options), "test node.yaml")
 
 
-def node_yaml(data_dir: Path, port: int, extra_yaml: str = "") -> str:
+def node_yaml(data_dir: Path, port: int, extra_yaml: str = "", node_options: str = "") -> str:
+    """A test node's configuration; node_options: more `key: value` lines of its `node:` block."""
+    options = "".join(f"  {line.strip()}\n" for line in node_options.splitlines() if line.strip())
     return f"""
 node:
   ae_title: DICOM_AI_NODE
@@ -62,7 +64,7 @@ node:
   bind_address: 127.0.0.1
   data_dir: {data_dir}
   min_free_disk_mb: 1
-{"" if "completion:" in extra_yaml else "completion: {quiet_period_s: 1.0}"}
+{options}{"" if "completion:" in extra_yaml else "completion: {quiet_period_s: 1.0}"}
 {"" if "dispatch:" in extra_yaml else "dispatch: {max_attempts: 3, initial_delay_s: 0.5}"}
 {extra_yaml}
 """
@@ -73,12 +75,13 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
     """Start a node (real SCP, workers, dispatcher) with a config; stops it at teardown."""
     started: list[NodeService] = []
 
-    def start(extra_yaml: str = "", data_dir: Path | None = None) -> NodeService:
-        config = node_config(data_dir or tmp_path / "node", free_port(), extra_yaml)
+    def start(extra_yaml: str = "", data_dir: Path | None = None, node_options: str = "") -> NodeService:
+        config = node_config(data_dir or tmp_path / "node", free_port(), extra_yaml, node_options)
         service = NodeService(config)
         # The same configuration as a file, for tests that run the CLI against this node.
         service.config_path = tmp_path / f"node-{len(started)}.yaml"
-        service.config_path.write_text(node_yaml(data_dir or tmp_path / "node", config.node.port, extra_yaml))
+        service.config_path.write_text(node_yaml(data_dir or tmp_path / "node", config.node.port, extra_yaml,
+                                                 node_options))
         service.start()
         started.append(service)
         return service

@@ -263,7 +263,7 @@ def test_journal_appends_from_several_threads_are_placed_recorded_and_checkpoint
         assert pydicom.dcmread(instance.path).SOPInstanceUID == instance.sop_uid
     assert journal.stats.flushes <= 100  # appends that met shared one flush
     journal.close()
-    assert store.journal_checkpoint() == 100  # closing places and checkpoints everything
+    assert store.journal_checkpoint("journal") == 100  # closing places and checkpoints everything
     assert not list(spool_dir.rglob(".*.tmp"))
 
 
@@ -284,7 +284,7 @@ def test_journal_replays_what_was_acknowledged_but_not_placed(tmp_path, no_check
     assert store.series(received[0][0].series_uid).instances == 5
     for instance, parts in received:
         assert Path(instance.path).read_bytes() == b"".join(parts)
-    assert store.journal_checkpoint() == 5
+    assert store.journal_checkpoint("journal") == 5
     # Replayed once: a further start finds nothing after the checkpoint.
     assert IngestJournal(tmp_path / "journal", spool_dir, store).recover() == 0
 
@@ -348,7 +348,7 @@ def test_segments_are_reused_after_checkpoints(tmp_path, monkeypatch):
     journal.close()
     segments = list((tmp_path / "journal").glob("*.wal"))
     assert 1 <= len(segments) <= 1 + ingest_journal.SPARE_SEGMENTS + 1  # bounded, however many were written
-    assert store.journal_checkpoint() == 40 and journal.stats.checkpoints >= 2
+    assert store.journal_checkpoint("journal") == 40 and journal.stats.checkpoints >= 2
     assert IngestJournal(tmp_path / "journal", spool_dir, store).recover() == 0
 
 

@@ -99,8 +99,8 @@ CREATE TABLE IF NOT EXISTS sends (
     UNIQUE(job_id, sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt);
-CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
+CREATE TABLE IF NOT EXISTS journals (
+    name TEXT PRIMARY KEY,
     checkpoint_seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS destinations (
@@ -342,16 +342,20 @@ class JobStore:
         row = self._db().execute("SELECT path, size FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
         return row is not None and row["path"] == path and row["size"] == size
 
-    def journal_checkpoint(self) -> int:
-        """The ingest journal's last checkpoint: every instance journalled up to it is placed and durable."""
-        row = self._db().execute("SELECT checkpoint_seq FROM journal WHERE id=1").fetchone()
+    def journal_checkpoint(self, journal: str) -> int:
+        """An ingest journal's last checkpoint: every instance journalled up to it is placed and durable."""
+        row = self._db().execute("SELECT checkpoint_seq FROM journals WHERE name=?", (journal,)).fetchone()
         return 0 if row is None else int(row["checkpoint_seq"])
 
-    def save_journal_checkpoint(self, seq: int) -> None:
+    def save_journal_checkpoint(self, journal: str, seq: int) -> None:
         """Commit the checkpoint with a WAL fsync, which also makes every row committed before it durable."""
         with self._tx() as db:
-            db.execute("INSERT INTO journal(id, checkpoint_seq) VALUES (1, ?)"
-                       " ON CONFLICT(id) DO UPDATE SET checkpoint_seq=excluded.checkpoint_seq", (seq,))
+            db.execute("INSERT INTO journals(name, checkpoint_seq) VALUES (?, ?)"
+                       " ON CONFLICT(name) DO UPDATE SET checkpoint_seq=excluded.checkpoint_seq", (journal, seq))
+
+    def forget_journal(self, journal: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM journals WHERE name=?", (journal,))
 
     @staticmethod
     def _record(db: sqlite3.Connection, instance: ReceivedInstance) -> bool:

@@ -28,6 +28,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 import threading
 import time
@@ -180,6 +181,7 @@ class IngestJournal:
 
     def __init__(self, folder: Path, spool_dir: Path, store: JobStore, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.folder = folder
+        self.name = folder.name  # its checkpoint's key in the store
         self.spool_dir = spool_dir
         self.store = store
         self.segment_bytes = segment_bytes
@@ -209,7 +211,7 @@ class IngestJournal:
         Files are rewritten from the journal (whatever the crash left of them), rows recorded unless the
         same file is recorded already, and a checkpoint taken; the segments are then reused."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        checkpoint = self.store.journal_checkpoint()
+        checkpoint = self.store.journal_checkpoint(self.name)
         segments = sorted(self.folder.glob("*.wal"))
         entries: dict[int, JournalEntry] = {}
         highest = checkpoint
@@ -232,7 +234,7 @@ class IngestJournal:
                         "placed (%d recorded anew)", len(replay), len(unrecorded))
         self._next_seq = highest + 1
         self._placed_seq = highest
-        self.store.save_journal_checkpoint(highest)
+        self.store.save_journal_checkpoint(self.name, highest)
         self.stats.replayed = len(replay)
         self.stats.placed_seq = self.stats.checkpoint_seq = highest
         # Every segment is reusable now; the largest becomes the one written to.
@@ -470,7 +472,7 @@ class IngestJournal:
             # Files and folder entries first, then the rows (the checkpoint's commit fsyncs the WAL, and
             # with it every row committed before it): only then may the journal forget the records.
             sync_filesystem(self.spool_dir)
-            self.store.save_journal_checkpoint(upto)
+            self.store.save_journal_checkpoint(self.name, upto)
             self.stats.checkpoint_seq = upto
             self.stats.checkpoints += 1
         self._checkpointed_at = time.monotonic()
@@ -518,3 +520,16 @@ class IngestJournal:
     def _delete_segment(self, segment: _Segment) -> None:
         os.close(segment.fd)
         segment.path.unlink(missing_ok=True)
+
+
+def recover_other_journals(root: Path, spool_dir: Path, store: JobStore, keep: set[str]) -> int:
+    """Replay and remove the journals under `root` that no receiver will open (a node that ran more receive
+    processes before); returns how many instances they held."""
+    replayed = 0
+    for folder in sorted(p for p in root.glob("*") if p.is_dir() and p.name not in keep):
+        journal = IngestJournal(folder, spool_dir, store)
+        replayed += journal.recover()
+        journal.close()
+        shutil.rmtree(folder)
+        store.forget_journal(folder.name)
+    return replayed

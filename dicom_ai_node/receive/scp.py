@@ -25,7 +25,7 @@ from pydicom.uid import AllTransferSyntaxes, UID
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
-from dicom_ai_node.receive.journal import IngestJournal
+from dicom_ai_node.receive.journal import IngestJournal, recover_other_journals
 from dicom_ai_node.receive.ul import REJECT_CALLING_AE, Acceptor, Association, StoreRequest
 from dicom_ai_node.spool import IncomingInstance, InvalidInstance
 
@@ -93,13 +93,13 @@ class AssociationPolicy:
 class Receiver:
     """The C-STORE SCP. `start()` listens in background threads; `stop()` closes the listener."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, audit: AuditLog) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, audit: AuditLog, journal: str = "0") -> None:
         self.config = config
         self.store = store
         self.audit = audit
         self.policy = AssociationPolicy.from_config(config)
         self.contexts = supported_contexts()
-        self.journal = IngestJournal(config.node.data_dir / "journal", config.spool_dir, store)
+        self.journal = IngestJournal(config.journal_dir / journal, config.spool_dir, store)
         self.acceptor: Acceptor | None = None
 
     @property
@@ -107,20 +107,26 @@ class Receiver:
         assert self.acceptor is not None
         return self.acceptor.port
 
-    def start(self) -> None:
+    def start(self, listen: bool = True) -> None:
+        """Recover the journal and accept associations: on the configured port, or (listen=False) those
+        handed to `acceptor.handle` by a ReceiverPool that listens."""
         node = self.config.node
         self.config.spool_dir.mkdir(parents=True, exist_ok=True)
+        if listen:  # alone: the journals of a former pool's processes are this receiver's to replay
+            recover_other_journals(self.config.journal_dir, self.config.spool_dir, self.store,
+                                   keep={self.journal.name})
         self.journal.recover()  # instances acknowledged by a process that died before placing them
         self.journal.start()
         self.acceptor = Acceptor(
-            node.bind_address, node.port, self, self.contexts, ae_title=node.ae_title,
+            node.bind_address if listen else None, node.port, self, self.contexts, ae_title=node.ae_title,
             require_called_ae=not node.accept_any_called_ae, max_associations=node.max_associations,
             max_pdu=node.max_pdu_bytes, timeout_s=node.network_timeout_s,
         )
         self.acceptor.start()
-        if not self.policy.peers:
-            log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
-        log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
+        if listen:
+            if not self.policy.peers:
+                log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
+            log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
 
     def stop(self) -> None:
         if self.acceptor is not None:

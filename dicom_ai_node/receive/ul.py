@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -156,10 +156,18 @@ def encode_response(command_field: int, message_id: int, sop_class_uid: str, sta
 
 # -- the acceptor -----------------------------------------------------------------------------------------
 
-class Acceptor:
-    """Listens on (host, port) and runs each association in its own thread."""
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=64)
+    listener.settimeout(0.5)  # so that a stop is noticed
+    return listener
 
-    def __init__(self, host: str, port: int, service: Service, contexts: list[PresentationContext], *,
+
+class Acceptor:
+    """Runs each association in its own thread: those it accepts on (host, port), or, with host None, those
+    handed to it (`handle`) by a process that listens for it (receive/pool.py)."""
+
+    def __init__(self, host: str | None, port: int, service: Service, contexts: list[PresentationContext], *,
                  ae_title: str, require_called_ae: bool, max_associations: int, max_pdu: int,
                  timeout_s: float) -> None:
         self.service = service
@@ -169,9 +177,9 @@ class Acceptor:
         self.max_associations = max_associations
         self.max_pdu = max_pdu
         self.timeout_s = timeout_s
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=64)
-        self._listener.settimeout(0.5)  # so that stop() is noticed
+        self._listener: socket.socket | None = None
+        if host is not None:
+            self._listener = listen(host, port)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
@@ -179,22 +187,26 @@ class Acceptor:
 
     @property
     def port(self) -> int:
+        assert self._listener is not None
         return int(self._listener.getsockname()[1])
 
     def start(self) -> None:
-        self._thread.start()
+        if self._listener is not None:
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop listening and abort the associations in progress (their senders keep what was not answered)."""
         self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
+        if self._listener is not None:
+            self._thread.join(timeout=5)
+            self._listener.close()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
             connection.close()
 
     def _serve(self) -> None:
+        assert self._listener is not None
         while not self._stop.is_set():
             try:
                 sock, address = self._listener.accept()
@@ -208,11 +220,17 @@ class Acceptor:
             if self._stop.is_set():
                 sock.close()
                 return
-            connection = _Connection(self, sock, address)
-            with self._lock:
-                self._connections.add(connection)
-            threading.Thread(target=connection.run, name=f"dicom-assoc-{address[0]}:{address[1]}",
-                             daemon=True).start()
+            self.handle(sock, address)
+
+    def handle(self, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
+               on_close: Callable[[], None] | None = None) -> None:
+        """Run the association on an accepted connection in its own thread. over_limit: refuse it (local
+        limit) whatever this acceptor counts; on_close: called when the connection is done."""
+        connection = _Connection(self, sock, address, over_limit, on_close)
+        with self._lock:
+            self._connections.add(connection)
+        threading.Thread(target=connection.run, name=f"dicom-assoc-{address[0]}:{address[1]}",
+                         daemon=True).start()
 
     def _active(self) -> int:
         with self._lock:
@@ -224,9 +242,12 @@ class Acceptor:
 
 
 class _Connection:
-    def __init__(self, acceptor: Acceptor, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(self, acceptor: Acceptor, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.acceptor = acceptor
         self.sock = sock
+        self.over_limit = over_limit
+        self.on_close = on_close
         host = str(address[0])
         if host.startswith("::ffff:") and "." in host:  # an IPv4 peer on a dual-stack listener
             host = host[len("::ffff:"):]
@@ -346,6 +367,8 @@ class _Connection:
                 self.sink = None
             self.close()
             self.acceptor._forget(self)  # noqa: SLF001
+            if self.on_close is not None:
+                self.on_close()
 
     def _negotiate(self, pdu: bytes) -> bool:
         acceptor = self.acceptor
@@ -374,7 +397,7 @@ class _Connection:
             reason = REJECT_APPLICATION_CONTEXT
         if reason is None and acceptor.require_called_ae and self.assoc.called_ae != acceptor.ae_title.strip():
             reason = REJECT_CALLED_AE
-        if reason is None and acceptor._active() > acceptor.max_associations:  # noqa: SLF001
+        if reason is None and (self.over_limit or acceptor._active() > acceptor.max_associations):  # noqa: SLF001
             reason = REJECT_LOCAL_LIMIT
         if reason is not None:
             reject = A_ASSOCIATE()
