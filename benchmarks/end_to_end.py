@@ -34,12 +34,13 @@ Reported: the best (least disturbed) bare call and the best node round, their ra
 medians; "fixed s" is the median of the node's time less its own pipeline call (node - infer): what the
 node adds to the pipeline, whatever the machine's load does to inference. The breakdown is that of the best
 node round, in seconds, and adds up to its node time:
-  load      DICOM decode of the instances into a Volume (JobRunner stage "load")
+  load      DICOM decode of the instances into a Volume (JobRunner stage "load"); ~0 when a worker decoded
+            the series ahead during the completion wait (jobs/prefetch.py) and the job took that Volume
   qc        input QC against the pipeline's validated range, and the memory guard ("qc")
   infer     the pipeline call in the worker ("infer")
   write     building the DICOM objects, encoding them and saving them durably ("write")
-  validate  the rest of the validation gate: check_result with the highdicom read-back, and dciodvfy
-            ("validate")
+  validate  the rest of the validation gate: check_result, dciodvfy, and waiting for the highdicom
+            read-back, which runs in the worker's helper process while the next object is built ("validate")
   send      from the dispatcher starting the destination's drain to the last result seen in Orthanc
             (association, 3 C-STOREs; includes <= 10 ms of this script's polling)
   sched     everything else: the assemble loop noticing the deadline and routing (job created), a worker

@@ -198,6 +198,26 @@ def series_completion(progress: SeriesProgress, now: float, policy: CompletionPo
     return SeriesWaiting(progress.series_uid, f"waiting: {_count(progress)}; {first.pending}", first.at - now)
 
 
+# A series quiet for this part of its quiet period is decoded ahead (jobs/prefetch.py) if nothing else
+# says it is whole earlier: most series that pause this long are complete.
+DECODE_AHEAD_QUIET_FRACTION = 0.5
+
+
+def decode_ahead_at(progress: SeriesProgress, policy: CompletionPolicy) -> float:
+    """When a waiting series looks whole enough to decode its instances ahead of its job (epoch seconds): the
+    release of the association that delivered its last instance (where releases count, see _deadlines), the
+    expected count reached, or part of its quiet period without a new instance, whichever comes first.
+    Decoding ahead only saves time; a series that then changes is decoded again by its job."""
+    last = progress.last_received
+    moments = [last + DECODE_AHEAD_QUIET_FRACTION * quiet_period(progress, policy)[0]]
+    if progress.instances == progress.expected_instances:
+        moments.append(last)
+    released = progress.released_at
+    if policy.after_release_s is not None and released is not None and released >= last:
+        moments.append(released)
+    return min(moments)
+
+
 @dataclass(frozen=True)
 class StudyRequirement:
     name: str

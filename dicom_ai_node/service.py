@@ -26,6 +26,7 @@ from dicom_ai_node.assemble import (
     StudyTimedOut,
     StudyWaiting,
     count_hint_projection,
+    decode_ahead_at,
     expected_instance_count,
     series_completion,
     study_completion,
@@ -258,6 +259,7 @@ class NodeService:
         self.dispatcher = Dispatcher(config, self.store, self.audit)
         self.completion = completion_policy(config)
         self._count_hints = CountHintHeaders(self.store)
+        self._decoded_ahead: dict[str, tuple[int, int, float]] = {}  # series -> (revision, instances, last)
         self.studies = study_rules(config)
         self.executor: Executor | None = None
         self._executor_lock = threading.Lock()
@@ -338,7 +340,8 @@ class NodeService:
             progress = series_progress(series, self._count_hints.of(series), self.config)
             decision = series_completion(progress, now, self.completion)
             if not isinstance(decision, SeriesComplete):
-                idle_s = min(idle_s, max(decision.remaining_s, 0.0) + 0.001)  # just past the deadline
+                idle_s = min(idle_s, max(decision.remaining_s, 0.0) + 0.001,  # just past the deadline
+                             self._decode_ahead(series, progress, now))
             if isinstance(decision, SeriesComplete):
                 instances = self.store.instances(series.series_uid)
                 if self.config.uses_content_labels:
@@ -350,6 +353,7 @@ class NodeService:
                 jobs, note = plan_jobs(self.config, series, instances, self._failed_studies(series, now))
                 if self.store.route_series(series, jobs, note):
                     self._count_hints.forget(series.series_uid)
+                    self._decoded_ahead.pop(series.series_uid, None)
                     self._work_queued.set()
                     log.info("series %s complete (%s); %s", series.series_uid, decision.reason, note)
                     self.audit.write("series-routed", series_uid=series.series_uid, study_uid=series.study_uid,
@@ -360,6 +364,25 @@ class NodeService:
             self.apply_retention(now)
         self._assemble_idle_s = idle_s
         return False
+
+    def _decode_ahead(self, series: SeriesRow, progress: SeriesProgress, now: float) -> float:
+        """Once a waiting series looks whole, have an idle worker decode it ahead of its job (once per state
+        of the series, and only when a rule would run a pipeline on it). Returns the seconds until that
+        moment, for the loop's sleep (POLL_S once it has passed: an idle worker is looked for again)."""
+        at = decode_ahead_at(progress, self.completion)
+        if at > now:
+            return at - now + 0.001
+        state = (series.revision, series.instances, series.last_received)
+        if self._decoded_ahead.get(series.series_uid) == state:
+            return POLL_S
+        rules = {rule.name: rule for rule in self.config.rules}
+        decisions = route(self.config.rules, series.header, series.calling_ae)
+        if not any(d.fires and rules[d.rule].processes for d in decisions):
+            self._decoded_ahead[series.series_uid] = state  # no pipeline would read it
+        elif self.executor is not None and self.executor.prefetch(
+                series.series_uid, tuple(self.store.instance_paths(series.series_uid))):
+            self._decoded_ahead[series.series_uid] = state
+        return POLL_S
 
     def _study_outcomes(self, series: SeriesRow, now: float) -> dict[str, StudyReady | StudyWaiting | StudyTimedOut]:
         return study_outcomes(self.config, self.store, self.studies, series, now)
@@ -402,7 +425,7 @@ class NodeService:
         executor = self.executor
         profiles = tuple(dict.fromkeys(output_profile(self.config, d) for d in job.destinations))
         spec = JobSpec(job.id, job.pipeline, tuple(paths), profiles, series_revision=job.series_revision,
-                       no_result_sr=self.config.no_result_sr(job.rule))
+                       no_result_sr=self.config.no_result_sr(job.rule), series_uid=job.series_uid)
         try:
             outcome = executor.submit(spec).result()
         except cf.process.BrokenProcessPool as exc:
@@ -429,7 +452,8 @@ class NodeService:
         files = outcome.files
         self.store.finish_job(job.id, result_sends(self.config, files, job.destinations), outcome.stages)
         self._sends_queued.set()
-        log.info("job %d done in %s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()))
+        log.info("job %d done in %s%s", job.id, ", ".join(f"{k} {v:.2f}s" for k, v in outcome.stages.items()),
+                 " (series decoded ahead)" if outcome.decoded_ahead else "")
         self.audit.write("job-done", job_id=job.id, series_uid=job.series_uid, pipeline=manifest.name,
                          pipeline_version=manifest.version, results=[f.sop_uid for f in files],
                          destinations=job.destinations)

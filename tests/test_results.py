@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai_node.imaging.volume import Volume, load_volume
+from dicom_ai_node.jobs.readback import ReadBackProcess
 from dicom_ai_node.phantom import PHANTOM_PATIENT, ChestPhantom, make_chest_phantom
 from dicom_ai_node.pipeline import Concept, Finding, Manifest, Measurement, PipelineResult, Segment, load_manifest
 from dicom_ai_node.results.provenance import ResultContext, series_description
@@ -699,3 +701,66 @@ def test_gate_reports_dciodvfy_errors(lung_case: Case, tmp_path: Path) -> None:
     with pytest.raises(ResultValidationError) as raised:
         gate([sc], lung_case.volume.sources, lung_case.manifest, tmp_path)
     assert any("dciodvfy: Error" in p and "Laterality" in p for p in raised.value.problems)
+
+
+# -- the gate with its read-back in a helper process, on objects built as they are checked --------------------
+
+
+@pytest.fixture(scope="module")
+def read_back_helper() -> Iterator[ReadBackProcess]:
+    helper = ReadBackProcess()
+    yield helper
+    helper.shutdown()
+
+
+def test_gate_with_the_read_back_elsewhere_finds_an_unreadable_seg_and_saves_nothing_it_passes(
+        lung_case: Case, read_back_helper: ReadBackProcess, tmp_path: Path) -> None:
+    seg = deepcopy(lung_case.objects["SEG"])
+    del seg.SegmentSequence
+    with pytest.raises(ResultValidationError) as raised:
+        gate([seg, lung_case.objects["SR"], lung_case.objects["SC"]], lung_case.volume.sources, lung_case.manifest,
+             tmp_path, read_back=read_back_helper)
+    assert any(p.startswith(f"SEG {seg.SOPInstanceUID}: ") and "highdicom cannot read the SEG back" in p
+               for p in raised.value.problems)
+    good = gate(iter(lung_case.objects.values()), lung_case.volume.sources, lung_case.manifest, tmp_path / "good",
+                read_back=read_back_helper)
+    assert [ds.SOPInstanceUID for ds in good] == [ds.SOPInstanceUID for ds in lung_case.objects.values()]
+
+
+def test_a_failed_read_back_helper_leaves_the_read_back_to_the_worker(lung_case: Case, tmp_path: Path) -> None:
+    helper = ReadBackProcess()
+    for process in list(helper._pool._processes.values()):
+        process.kill()
+        process.join()
+    seg = deepcopy(lung_case.objects["SEG"])
+    del seg.SegmentSequence
+    with pytest.raises(ResultValidationError) as raised:
+        gate([seg], lung_case.volume.sources, lung_case.manifest, read_back=helper)
+    assert any("highdicom cannot read the SEG back" in p for p in raised.value.problems)
+    assert helper._pool is None  # read back here from now on
+    gate([lung_case.objects["SC"]], lung_case.volume.sources, lung_case.manifest, read_back=helper)
+
+
+def test_a_job_whose_result_fails_validation_fails_and_returns_no_file_to_send(tmp_path: Path, monkeypatch) -> None:
+    """The objects are checked as they are built: a bad one fails the job, whatever was saved before it."""
+    import dicom_ai_node.results.writer as writer
+    from conftest import free_port, node_config
+    from dicom_ai_node.jobs.executor import JobRunner, JobSpec
+    from dicom_ai_node.pipeline import discover
+
+    config = node_config(tmp_path / "node", free_port())
+    runner = JobRunner(config, discover([Path(__file__).resolve().parent.parent / "pipelines"]), "cpu",
+                       ReadBackProcess())
+    build_sr = writer.SR_BUILDERS["full"]
+
+    def verified_sr(*args, **kwargs):
+        sr = build_sr(*args, **kwargs)
+        sr.VerificationFlag = "VERIFIED"  # a machine-made report must say UNVERIFIED
+        return sr
+
+    monkeypatch.setitem(writer.SR_BUILDERS, "full", verified_sr)
+    paths = make_chest_phantom(slices=24, size=48, pixel_spacing_mm=3.0, slice_thickness_mm=5.0,
+                               uid_seed="gate-job").write(tmp_path / "series")
+    with pytest.raises(ResultValidationError, match="VerificationFlag"):
+        runner.run(JobSpec(1, "ct_lung", tuple(str(p) for p in paths)))
+    runner.read_back.shutdown()

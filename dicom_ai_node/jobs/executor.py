@@ -5,7 +5,8 @@ A series that QC refuses (outside the pipeline's validated range, or not a consi
 the job fails with every reason, or, when the job asks for it (qc.no_result_sr), its outcome is a validated
 "no result" SR stating why (results/no_result.py), sent like any result.
 `LocalExecutor` runs whole jobs in worker processes (one per GPU, or `workers.count` on CPU), each keeping
-its pipelines warm between jobs. The Ray executor (jobs/ray_executor.py) loads and writes on the node and
+its pipelines warm between jobs, and lets an idle worker decode a series that is about to complete ahead of
+its job (jobs/prefetch.py). The Ray executor (jobs/ray_executor.py) loads and writes on the node and
 sends only inference to pipeline actors on a Ray cluster. The job store is updated by the caller.
 """
 from __future__ import annotations
@@ -15,22 +16,29 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from pydicom.dataset import Dataset
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.imaging.qc import InputRejected, input_problems
 from dicom_ai_node.imaging.series import load_series
 from dicom_ai_node.imaging.volume import Volume, VolumeError
+from dicom_ai_node.jobs.prefetch import PrefetchedVolumes
+from dicom_ai_node.jobs.readback import ReadBackProcess, die_with_parent
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
+from dicom_ai_node.results.iod_lookup import memoize_iod_lookups
 from dicom_ai_node.results.kinds import result_kind_of
 from dicom_ai_node.results.no_result import NOT_A_VOLUME, OUTSIDE_RANGE, build_no_result_sr, read_headers
 from dicom_ai_node.results.provenance import ResultContext
-from dicom_ai_node.results.validate import gate
-from dicom_ai_node.results.writer import file_name, write_results
+from dicom_ai_node.results.validate import ReadBack, gate
+from dicom_ai_node.results.writer import build_results, file_name
 from dicom_ai_node.runtime.device import admit, gpu_count, select_device
 
 log = logging.getLogger("dicom_ai_node.jobs")
@@ -52,6 +60,7 @@ class JobSpec:
     profiles: tuple[OutputProfile, ...] = (OutputProfile(),)  # one per distinct profile of its destinations
     series_revision: int = 1  # the version of the series the job runs on (a late instance makes a new one)
     no_result_sr: bool = False  # answer an input QC refusal with a no-result SR instead of failing
+    series_uid: str = ""  # finds the series' Volume if a worker decoded it ahead (none given: always loaded)
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,17 @@ class JobOutcome:
     stages: dict[str, float] = field(default_factory=dict)
     refusal: str = ""  # set when input QC refused the series and `files` is the no-result SR: why, in full
     reasons: tuple[str, ...] = ()  # each reason of the refusal
+    decoded_ahead: bool = False  # the series' Volume was decoded ahead of the job (jobs/prefetch.py)
 
 
 class Executor(Protocol):
     workers: int  # how many jobs it runs at once
 
     def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]": ...
+
+    def prefetch(self, series_uid: str, paths: tuple[str, ...]) -> bool:
+        """Start decoding a series ahead of its job on an idle worker, if one is; True when started."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -90,22 +104,26 @@ def result_context(config: NodeConfig) -> ResultContext:
 def write_validated_results(
     job_id: int, volume: Volume, result: PipelineResult, manifest: Manifest, config: NodeConfig,
     profiles: tuple[OutputProfile, ...] = (OutputProfile(),), stages: dict[str, float] | None = None,
+    read_back: ReadBack | None = None,
 ) -> list[ResultFile]:
     """Turn a PipelineResult into DICOM files under results/job-N, each passing the validation gate, once
-    per output profile; an object all profiles share (same UID) is written once. With `stages`, adds the
-    seconds spent building and saving the objects ("write") and validating them ("validate")."""
+    per output profile; an object all profiles share (same UID) is written once. Each object is checked and
+    saved as soon as it is built, while the next is built (`read_back`: see validate.gate). With `stages`,
+    adds the seconds spent building and saving the objects ("write") and validating them ("validate")."""
     folder = config.job_results_dir(job_id)
     files: dict[str, ResultFile] = {}
     stages = {} if stages is None else stages
     for profile in profiles:
         t = time.perf_counter()
-        datasets = write_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs),
-                                 seg_type=profile.seg_type, sr_profile=profile.sr_profile)
-        built, timings = time.perf_counter(), {"save": 0.0}
+        timings = {"build": 0.0, "save": 0.0}
+        objects = build_results(volume, result, manifest, result_context(config), kinds=tuple(manifest.outputs),
+                                seg_type=profile.seg_type, sr_profile=profile.sr_profile)
         # Saves each object, then checks it (dciodvfy too, and the viewer layout for a viewer SR).
-        gate(datasets, volume.sources, manifest, folder, sr_profile=profile.sr_profile, timings=timings)
-        stages["write"] = stages.get("write", 0.0) + built - t + timings["save"]
-        stages["validate"] = stages.get("validate", 0.0) + time.perf_counter() - built - timings["save"]
+        datasets = gate(timed(objects, timings), volume.sources, manifest, folder, sr_profile=profile.sr_profile,
+                        timings=timings, read_back=read_back)
+        written = timings["build"] + timings["save"]
+        stages["write"] = stages.get("write", 0.0) + written
+        stages["validate"] = stages.get("validate", 0.0) + time.perf_counter() - t - written
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             known = files.get(uid)
@@ -113,6 +131,21 @@ def write_validated_results(
             files[uid] = ResultFile(uid, str(ds.SOPClassUID), folder / file_name(ds), str(ds.Modality),
                                     result_kind_of(ds), belongs)
     return list(files.values())
+
+
+def timed(objects: Iterable[Dataset], timings: dict[str, float]) -> Iterator[Dataset]:
+    """`objects`, adding the seconds spent making each (when they are built as they are asked for) to
+    timings["build"]."""
+    source = iter(objects)
+    while True:
+        t = time.perf_counter()
+        try:
+            ds = next(source)
+        except StopIteration:
+            return
+        finally:
+            timings["build"] += time.perf_counter() - t
+        yield ds
 
 
 def check_input(volume: Volume, manifest: Manifest) -> None:
@@ -169,11 +202,15 @@ def refused_outcome(
 class JobRunner:
     """Runs whole jobs in the current process, keeping one warm instance of each pipeline."""
 
-    def __init__(self, config: NodeConfig, manifests: dict[str, Manifest], device: str) -> None:
+    def __init__(self, config: NodeConfig, manifests: dict[str, Manifest], device: str,
+                 read_back: ReadBackProcess | None = None) -> None:
         self.config = config
         self.manifests = manifests
         self.device = device
         self._warm: dict[str, Pipeline] = {}
+        self.prefetched = PrefetchedVolumes()
+        self.read_back = read_back  # None: results are read back in this process
+        memoize_iod_lookups()  # highdicom's building of SEGs, 1/4 faster
 
     def pipeline(self, name: str) -> Pipeline:
         if name not in self._warm:
@@ -187,7 +224,8 @@ class JobRunner:
         t = time.perf_counter()
         manifest = self.manifests[job.pipeline]
         try:
-            volume = load_series([Path(p) for p in job.instance_paths])
+            ahead = self.prefetched.take(job.series_uid, job.instance_paths)
+            volume = ahead or load_series(job.instance_paths)
             loaded = time.perf_counter()
             check_input(volume, manifest)
         except REFUSALS as refusal:
@@ -202,35 +240,24 @@ class JobRunner:
         result = pipeline.run(volume, RunContext(device=self.device))
         stages["infer"] = time.perf_counter() - t
         files = write_validated_results(job.job_id, volume, result, pipeline.manifest, self.config, job.profiles,
-                                        stages)
-        return JobOutcome(files, stages)
+                                        stages, self.read_back)
+        return JobOutcome(files, stages, decoded_ahead=ahead is not None)
 
 
 # -- worker processes ------------------------------------------------------------------------------------
 
 _RUNNER: JobRunner | None = None
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    # A worker must not outlive a node killed with SIGKILL: it would keep writing results nobody records.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-    if os.getppid() != parent_pid:  # the node died while this worker was still starting
-        os._exit(1)
+# Shared with the node: it moves on when a job is handed to the workers while they decode another series
+# ahead, so that the decode stops and the job does not wait behind it.
+_PREFETCH_GENERATION = None
 
 
 def _init_worker(
     config_json: str, manifests_json: dict[str, tuple[str, str]], slot_counter, device_preference: str,
-    parent_pid: int,
+    parent_pid: int, prefetch_generation,
 ) -> None:
-    global _RUNNER
-    _die_with_parent(parent_pid)
+    global _RUNNER, _PREFETCH_GENERATION
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     with slot_counter.get_lock():
         slot = slot_counter.value
@@ -240,13 +267,22 @@ def _init_worker(
     for name, (text, folder) in manifests_json.items():
         manifests[name] = Manifest.model_validate_json(text)
         manifests[name].folder = Path(folder)  # excluded from the JSON: it is where the code is, not config
-    _RUNNER = JobRunner(config, manifests, select_device(device_preference, slot))
+    # The read-back runs beside the worker only where there is a core for it.
+    read_back = ReadBackProcess() if (os.cpu_count() or 1) > 1 else None
+    _RUNNER = JobRunner(config, manifests, select_device(device_preference, slot), read_back)
+    _PREFETCH_GENERATION = prefetch_generation
     log.info("worker %d (pid %d) ready on %s", slot, os.getpid(), _RUNNER.device)
 
 
 def _run_in_worker(job: JobSpec) -> JobOutcome:
     assert _RUNNER is not None, "worker not initialised"
     return _RUNNER.run(job)
+
+
+def _prefetch_in_worker(series_uid: str, paths: tuple[str, ...], generation: int) -> bool:
+    assert _RUNNER is not None and _PREFETCH_GENERATION is not None, "worker not initialised"
+    shared = _PREFETCH_GENERATION
+    return _RUNNER.prefetched.decode(series_uid, paths, keep_going=lambda: shared.value == generation)
 
 
 class LocalExecutor:
@@ -258,13 +294,47 @@ class LocalExecutor:
         context = multiprocessing.get_context("spawn")  # no fork of a process holding sockets and threads
         slots = context.Value("i", 0)
         manifests_json = {name: (m.model_dump_json(), str(m.folder)) for name, m in manifests.items()}
+        self._prefetch_generation = context.Value("i", 0)
         self._pool = cf.ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context, initializer=_init_worker,
-            initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device, os.getpid()),
+            initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device, os.getpid(),
+                      self._prefetch_generation),
         )
+        self._lock = threading.Lock()
+        self._jobs = 0  # submitted and not finished
+        self._prefetching: dict[cf.Future[bool], str] = {}  # decodes ahead under way -> their series
 
     def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]":
-        return self._pool.submit(_run_in_worker, job)
+        with self._lock:
+            if any(uid != job.series_uid for uid in self._prefetching.values()):
+                # A worker decodes another series ahead: stop that, so that this job does not queue behind it.
+                with self._prefetch_generation.get_lock():
+                    self._prefetch_generation.value += 1
+            self._jobs += 1
+        future = self._pool.submit(_run_in_worker, job)
+        future.add_done_callback(self._job_done)
+        return future
+
+    def prefetch(self, series_uid: str, paths: tuple[str, ...]) -> bool:
+        """Decode a series ahead on a worker, only while one is idle (no job is queued behind a decode: a
+        job handed over meanwhile stops a decode of another series)."""
+        with self._lock:
+            if self._jobs + len(self._prefetching) >= self.workers:
+                return False
+            future = self._pool.submit(_prefetch_in_worker, series_uid, paths, self._prefetch_generation.value)
+            self._prefetching[future] = series_uid
+        future.add_done_callback(self._prefetch_done)
+        return True
+
+    def _job_done(self, _future: "cf.Future[JobOutcome]") -> None:
+        with self._lock:
+            self._jobs -= 1
+
+    def _prefetch_done(self, future: "cf.Future[bool]") -> None:
+        with self._lock:
+            series_uid = self._prefetching.pop(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("series %s not decoded ahead: %s", series_uid, type(future.exception()).__name__)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

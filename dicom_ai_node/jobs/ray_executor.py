@@ -47,6 +47,7 @@ from dicom_ai_node.jobs.executor import (
     write_validated_results,
 )
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
+from dicom_ai_node.results.iod_lookup import memoize_iod_lookups
 from dicom_ai_node.runtime.device import select_device
 
 try:
@@ -199,6 +200,7 @@ class RayExecutor:
             raise ValueError("ray executor: no cluster address (use 'local' for a private development instance)")
         self.config = config
         self.manifests = manifests
+        memoize_iod_lookups()  # the node builds the SEGs: highdicom's building of them, 1/4 faster
         # The node's log stays the node's: actor output remains in the cluster's log files.
         ray.init(address=address, namespace=namespace(config), log_to_driver=False)
         self._cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -229,6 +231,10 @@ class RayExecutor:
 
     def submit(self, job: JobSpec) -> "cf.Future[JobOutcome]":
         return self._threads.submit(self._run, job)
+
+    def prefetch(self, series_uid: str, paths: tuple[str, ...]) -> bool:
+        """Never: jobs load their series on the node in a thread per job, and no thread is kept idle for it."""
+        return False
 
     def _run(self, job: JobSpec) -> JobOutcome:
         if job.pipeline not in self._pools:  # a job stored before its pipeline left the configuration

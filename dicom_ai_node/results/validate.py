@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from io import BytesIO
 from pathlib import Path
@@ -516,8 +516,8 @@ READERS: dict[str, Callable[[Dataset], object]] = {
 }
 
 
-def reader_of(ds: Dataset, kind: str) -> Callable[[Dataset], object]:
-    if ds.get("SOPClassUID") == COMPREHENSIVE_SR_CLASS:
+def reader_of(sop_class_uid: str, kind: str) -> Callable[[Dataset], object]:
+    if sop_class_uid == COMPREHENSIVE_SR_CLASS:
         return partial(hd.sr.ComprehensiveSR.from_dataset, copy=False)
     return READERS[kind]
 
@@ -525,11 +525,24 @@ def reader_of(ds: Dataset, kind: str) -> Callable[[Dataset], object]:
 def readback_problems(ds: Dataset, kind: str, encoded: bytes | None = None) -> list[str]:
     """highdicom reads `ds` back from its file bytes: `encoded` (see writer.encode), else encoded here."""
     try:
-        reader_of(ds, kind)(pydicom.dcmread(BytesIO(encode(ds) if encoded is None else encoded)))
+        data = encode(ds) if encoded is None else encoded
+    except Exception as exc:  # noqa: BLE001 - an object that cannot be encoded cannot be read back either
+        return [cannot_read_back(kind, exc)]
+    return encoded_readback_problems(kind, str(ds.get("SOPClassUID", "")), data)
+
+
+def encoded_readback_problems(kind: str, sop_class_uid: str, encoded: bytes) -> list[str]:
+    """readback_problems of an object given only as its file bytes (runs in a helper process, see gate)."""
+    try:
+        reader_of(sop_class_uid, kind)(pydicom.dcmread(BytesIO(encoded)))
     except Exception as exc:  # noqa: BLE001 - any failure to read back is the finding
-        # Only the exception type: messages of readers can quote element values (PHI).
-        return [f"highdicom cannot read the {kind} back ({type(exc).__name__})"]
+        return [cannot_read_back(kind, exc)]
     return []
+
+
+def cannot_read_back(kind: str, exc: Exception) -> str:
+    # Only the exception type: messages of readers can quote element values (PHI).
+    return f"highdicom cannot read the {kind} back ({type(exc).__name__})"
 
 
 def reference_problems(ds: Dataset, kind: str, sources: Sequence[Dataset], seg: Dataset | None) -> list[str]:
@@ -544,7 +557,7 @@ def reference_problems(ds: Dataset, kind: str, sources: Sequence[Dataset], seg: 
 
 def check_result(
     ds: Dataset, sources: Sequence[Dataset], seg: Dataset | None = None, manifest: Manifest | None = None,
-    sr_profile: str = "full", encoded: bytes | None = None,
+    sr_profile: str = "full", encoded: bytes | None = None, read_back: bool = True,
 ) -> list[str]:
     """Problems of result object `ds` made from `sources` (the source series); [] when it meets the standards.
 
@@ -552,7 +565,8 @@ def check_result(
     checks that depend on the pipeline (name, version, the model card's diagnostic-use flag); `sr_profile`
     "viewer" adds that an SR's every measurement group has image coordinates. Heatmap Secondary Captures are
     checked as SCs. `encoded` is `ds` as already encoded for its file (writer.encode): the read-back reads
-    those bytes instead of encoding `ds` again.
+    those bytes instead of encoding `ds` again. `read_back` False leaves the read-back to the caller (gate
+    runs it elsewhere, on the same bytes); every other check is made.
     """
     if not sources:
         return ["no source instances to check against"]
@@ -569,7 +583,7 @@ def check_result(
         problems += frame_of_reference_problems(ds, sources[0])
     elif kind == "SR":
         problems += sr_content_problems(ds, seg) + sr_profile_problems(ds, sr_profile)
-    return problems + readback_problems(ds, kind, encoded)
+    return problems + (readback_problems(ds, kind, encoded) if read_back else [])
 
 
 def lines_predating_dciodvfy(ds: Dataset) -> tuple[re.Pattern[str], ...]:
@@ -610,15 +624,21 @@ def run_dciodvfy(executable: str, path: Path, unknown_iod_lines: tuple[re.Patter
     return errors
 
 
+# Starts highdicom's read-back of an object from its file bytes elsewhere: (kind, SOP class UID, bytes) -> the
+# problems (encoded_readback_problems), as a future.
+ReadBack = Callable[[str, str, bytes], "cf.Future[list[str]]"]
+
+
 def gate(
-    datasets: Sequence[Dataset],
+    datasets: Iterable[Dataset],
     sources: Sequence[Dataset],
     manifest: Manifest | None,
     folder_for_dciodvfy: Path | None = None,
     sr_profile: str = "full",
     timings: dict[str, float] | None = None,
-) -> None:
-    """Raise ResultValidationError listing every problem of the result objects, else return.
+    read_back: ReadBack | None = None,
+) -> list[Dataset]:
+    """Raise ResultValidationError listing every problem of the result objects, else return them.
 
     With `folder_for_dciodvfy`, each object is saved there (as `save` names it) and checked by dciodvfy
     too, where it is installed. `sr_profile` is the one the objects were written with (see check_result).
@@ -627,19 +647,27 @@ def gate(
 
     Each object is encoded once: those bytes are saved, and read back by highdicom (check_result), so the
     read-back checks exactly the file that is sent. dciodvfy runs on each saved file in a thread while the
-    other checks go on; problems are listed in the same order whatever finishes first.
+    other checks go on; with `read_back`, so does the highdicom read-back (in a helper process: it is pure
+    Python, and would otherwise take turns with the next object on the GIL). Problems are listed in the same
+    order whatever finishes first, and nothing is returned before every check has answered.
+
+    `datasets` may be an iterator that builds each object as it is asked for (writer.build_results): each
+    is then checked while the next is built. The SR's SEG is the first SEG among the objects, which the
+    writer makes before the SR that references it.
     """
-    segs = [ds for ds in datasets if result_kind(ds) == "SEG"]
-    seg = segs[0] if segs else None
-    problems: list[str] = []
-    uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
-    problems += [f"SOPInstanceUID {uid} is used by more than one result object"
-                 for uid in sorted({u for u in uids if uids.count(u) > 1})]
+    seg = next((ds for ds in datasets if result_kind(ds) == "SEG"), None) if isinstance(datasets, Sequence) else None
     executable = shutil.which("dciodvfy") if folder_for_dciodvfy is not None else None
-    checked: list[tuple[str, list[str], cf.Future[list[str]] | None]] = []
-    with cf.ThreadPoolExecutor(max_workers=max(len(datasets), 1), thread_name_prefix="dciodvfy") as pool:
+    # Per object: its label, the problems found in this thread, and the checks still running (each a future
+    # of problems: the read-back, or None when check_result made it; dciodvfy, or None when not run).
+    checked: list[tuple[str, list[str], cf.Future[list[str]] | None, cf.Future[list[str]] | None]] = []
+    objects: list[Dataset] = []
+    with cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dciodvfy") as pool:
         for ds in datasets:
-            label = f"{result_kind(ds) or 'object'} {ds.get('SOPInstanceUID', '?')}"
+            objects.append(ds)
+            kind = result_kind(ds)
+            if seg is None and kind == "SEG":
+                seg = ds
+            label = f"{kind or 'object'} {ds.get('SOPInstanceUID', '?')}"
             t = time.perf_counter()
             try:
                 encoded: bytes | None = encode(ds)
@@ -652,11 +680,20 @@ def gate(
                     timings["save"] = timings.get("save", 0.0) + time.perf_counter() - t
                 if executable is not None:
                     dciodvfy = pool.submit(run_dciodvfy, executable, path, lines_predating_dciodvfy(ds))
-            found = check_result(ds, sources, seg, manifest, sr_profile, encoded=encoded)
-            checked.append((label, [f"{label}: {p}" for p in found], dciodvfy))
-        for label, found, dciodvfy in checked:
+            # An object check_result refuses before reading it back (no known kind, not encodable) is not sent off.
+            readback = (read_back(kind, str(ds.SOPClassUID), encoded) if read_back and kind and encoded and sources
+                        else None)
+            found = check_result(ds, sources, seg, manifest, sr_profile, encoded=encoded, read_back=readback is None)
+            checked.append((label, [f"{label}: {p}" for p in found], readback, dciodvfy))
+        uids = [str(ds.get("SOPInstanceUID", "")) for ds in objects]
+        problems = [f"SOPInstanceUID {uid} is used by more than one result object"
+                    for uid in sorted({u for u in uids if uids.count(u) > 1})]
+        for label, found, readback, dciodvfy in checked:
             problems += found
+            if readback is not None:
+                problems += [f"{label}: {line}" for line in readback.result()]
             if dciodvfy is not None:
                 problems += [f"{label}: dciodvfy: {line}" for line in dciodvfy.result()]
     if problems:
         raise ResultValidationError(problems)
+    return objects

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -49,6 +49,21 @@ def write_results(
     (a radiograph; the IOD requires one), whose heatmaps only the heatmap SC shows.
     Every builder copies the patient/study elements from the source and keeps the file meta in step.
     """
+    return list(build_results(volume, result, manifest, ctx, kinds, seg_type, sr_profile))
+
+
+def build_results(
+    volume: Volume,
+    result: PipelineResult,
+    manifest: Manifest,
+    ctx: ResultContext,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    seg_type: str | None = None,
+    sr_profile: str = "full",
+) -> Iterator[Dataset]:
+    """The objects of write_results, in the same order, each built only when the next is asked for, so
+    that the caller checks and saves one while the rest are still to come (see validate.gate). The
+    arguments are checked at once, before any object is built."""
     unknown = sorted(set(kinds) - set(RESULT_KINDS))
     if unknown:
         raise ValueError(f"unknown result kinds {unknown}; known: {', '.join(RESULT_KINDS)}")
@@ -58,29 +73,33 @@ def write_results(
         raise ValueError(f"unknown sr_profile {sr_profile!r}; known: {', '.join(SR_PROFILES)}")
     if "sr" in kinds and result.segments and "seg" not in kinds:
         raise ValueError("an SR of a result with segments references their SEG: add 'seg' to the kinds")
-    datasets: list[Dataset] = []
+    return (sync_file_meta(ds) for ds in _built(volume, result, manifest, ctx, kinds, seg_type, sr_profile))
+
+
+def _built(
+    volume: Volume, result: PipelineResult, manifest: Manifest, ctx: ResultContext, kinds: Sequence[str],
+    seg_type: str | None, sr_profile: str,
+) -> Iterator[Dataset]:
     seg = build_seg(volume, result, manifest, ctx, seg_type) if "seg" in kinds and result.segments else None
     if seg is not None:
-        datasets.append(seg)
+        yield seg
     if "sr" in kinds and has_report_content(result):
-        datasets.append(SR_BUILDERS[sr_profile](volume, result, manifest, ctx, seg))
+        yield SR_BUILDERS[sr_profile](volume, result, manifest, ctx, seg)
     if "sc" in kinds:
-        datasets.append(build_key_image_sc(volume, result, manifest, ctx))
+        yield build_key_image_sc(volume, result, manifest, ctx)
     if "pmap" in kinds and result.heatmaps and has_frame_of_reference(volume):
-        datasets += build_parametric_maps(volume, result, manifest, ctx)
+        yield from build_parametric_maps(volume, result, manifest, ctx)
     if "heatmap_sc" in kinds:
-        datasets += build_heatmap_scs(volume, result, manifest, ctx)
+        yield from build_heatmap_scs(volume, result, manifest, ctx)
     if "gsps" in kinds and result.detections:
-        datasets.append(build_gsps(volume, result, manifest, ctx))
-    for ds in datasets:
-        sync_file_meta(ds)
-    return datasets
+        yield build_gsps(volume, result, manifest, ctx)
 
 
-def sync_file_meta(ds: Dataset) -> None:
-    """Make the file meta name the dataset's own SOP class and instance (PS3.10)."""
+def sync_file_meta(ds: Dataset) -> Dataset:
+    """Make the file meta name the dataset's own SOP class and instance (PS3.10); returns `ds`."""
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
 
 
 def file_name(ds: Dataset) -> str:
