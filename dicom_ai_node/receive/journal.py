@@ -58,7 +58,7 @@ CHECKPOINT_EVERY_S = 30.0
 CHECKPOINT_BYTES = 512 * 1024 * 1024
 RETRY_S = (1.0, 60.0)  # the placer's wait after a failure: first, longest
 PLACE_GATHER_S = 0.005
-BACKLOG_BYTES = 256 * 1024 * 1024  # acknowledged but not yet placed, held in memory: appends wait beyond it
+BACKLOG_BYTES = 1024 * 1024 * 1024  # journalled but not yet placed: appends wait beyond it
 BACKLOG_WAIT_S = 30.0  # then fail (Out of Resources: the sender retries later) rather than grow without bound
 
 
@@ -70,8 +70,13 @@ class JournalClosed(OSError):
 class JournalEntry:
     seq: int
     instance: ReceivedInstance
-    parts: Sequence[Any]  # the spool file's bytes (file meta, dataset); empty when the file is in place
+    parts: Sequence[Any]  # the spool file's bytes (file meta, dataset) until journalled; empty when in place
     in_place: bool
+    length: int = 0  # of the file's bytes
+    # Where the journal holds the file's bytes once written (segment, offset): the placer copies them from
+    # there (page cache, kernel to kernel), so that acknowledged instances waiting to be placed take no
+    # memory in the process however far the placer falls behind.
+    source: tuple[_Segment, int] | None = None
 
 
 @dataclass
@@ -310,6 +315,8 @@ class IngestJournal:
                     written = os.pwritev(segment.fd, record.buffers(entry.seq), segment.offset)
                     if written != record.size:  # a short write: only on a full disk
                         raise OSError(28, "short write to the ingest journal", str(segment.path))
+                    if record.length:
+                        entry.source = (segment, segment.offset + record.size - record.length)
                     segment.offset += record.size
                     touched[segment.fd] = segment
                 for segment in touched.values():
@@ -326,6 +333,7 @@ class IngestJournal:
             for entry, record in batch:
                 self._done[entry.seq] = error
                 if error is None:
+                    entry.parts, entry.length = (), record.length  # from now on read from the journal
                     self._queue.append(entry)  # in sequence order: leaders follow one another
                     self._queued_bytes += record.length
             self.stats.appended += len(batch) if error is None else 0
@@ -422,7 +430,7 @@ class IngestJournal:
         with self._cond:
             for entry in batch:
                 self._queue.popleft()
-                self._queued_bytes -= sum(len(p) for p in entry.parts)
+                self._queued_bytes -= entry.length
             self._placed_seq = batch[-1].seq
             self.stats.placed += len(batch)
             self.stats.placed_seq = self._placed_seq
@@ -446,7 +454,16 @@ class IngestJournal:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.writev(fd, list(entry.parts))
+            if entry.source is not None:
+                segment, offset = entry.source
+                copied = 0
+                while copied < entry.length:
+                    n = os.copy_file_range(segment.fd, fd, entry.length - copied, offset + copied)
+                    if n == 0:
+                        raise OSError(f"journal segment {segment.path} ends before instance {entry.instance.sop_uid}")
+                    copied += n
+            else:
+                os.writev(fd, list(entry.parts))
         finally:
             os.close(fd)
         os.rename(tmp, path)
