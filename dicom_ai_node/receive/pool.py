@@ -26,7 +26,7 @@ from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.receive.journal import recover_other_journals
 from dicom_ai_node.receive.scp import AssociationPolicy, Receiver
-from dicom_ai_node.receive.ul import listen
+from dicom_ai_node.receive.ul import accept_connections, listen
 
 log = logging.getLogger("dicom_ai_node.receive")
 
@@ -127,23 +127,15 @@ class ReceiverPool:
 
     def _serve(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
-            self._replace_dead()
-            try:
-                sock, address = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                log.exception("accept failed")
-                continue
-            try:
-                self._hand_over(sock, address)
-            except OSError as exc:
-                log.error("connection from %s dropped: no receive process took it (%s)", address[0], exc)
-            finally:
-                sock.close()  # the receive process has its own descriptor now
+        accept_connections(self._listener, self._stop, self._take, every_turn=self._replace_dead)
+
+    def _take(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        try:
+            self._hand_over(sock, address)
+        except OSError as exc:
+            log.error("connection from %s dropped: no receive process took it (%s)", address[0], exc)
+        finally:
+            sock.close()  # the receive process has its own descriptor now
 
     def _hand_over(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         with self._lock:

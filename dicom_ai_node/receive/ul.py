@@ -163,6 +163,28 @@ def listen(host: str, port: int) -> socket.socket:
     return listener
 
 
+def accept_connections(listener: socket.socket, stop: threading.Event,
+                       take: Callable[[socket.socket, tuple[Any, ...]], None],
+                       every_turn: Callable[[], None] | None = None) -> None:
+    """Accept until `stop` is set, giving each connection to `take`; `every_turn` runs at least every 0.5 s."""
+    while not stop.is_set():
+        if every_turn is not None:
+            every_turn()
+        try:
+            sock, address = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            if stop.is_set():
+                return
+            log.exception("accept failed")
+            continue
+        if stop.is_set():
+            sock.close()
+            return
+        take(sock, address)
+
+
 class Acceptor:
     """Runs each association in its own thread: those it accepts on (host, port), or, with host None, those
     handed to it (`handle`) by a process that listens for it (receive/pool.py)."""
@@ -207,20 +229,7 @@ class Acceptor:
 
     def _serve(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                sock, address = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                log.exception("accept failed")
-                continue
-            if self._stop.is_set():
-                sock.close()
-                return
-            self.handle(sock, address)
+        accept_connections(self._listener, self._stop, self.handle)
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
                on_close: Callable[[], None] | None = None) -> None:
