@@ -172,6 +172,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for d in store.destinations():
         state = f"paused for {d.open_until - now:.0f} s" if d.open_until > now else "open for sends"
         print(f"  {d.name:<16} {state}; {d.consecutive_failures} consecutive failures; last error: {d.last_error}")
+    print("INGEST JOURNALS (acknowledged instances on their way to the spool)")
+    for journal in store.journals():
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.updated))
+        if journal.last_error:
+            print(f"  {journal.name:<4} {journal.waiting} instance(s) not yet in the spool as of {since}, kept in the "
+                  f"journal and retried; last error: {journal.last_error}")
+        else:
+            print(f"  {journal.name:<4} placed up to record {journal.checkpoint_seq} at {since}")
     return 0
 
 

@@ -598,3 +598,41 @@ def test_instances_acknowledged_to_storescu_survive_a_kill_before_they_are_place
             assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
     finally:
         receiver.stop()
+
+
+def test_a_journal_that_cannot_place_keeps_its_instances_and_says_why(tmp_path, monkeypatch):
+    """The spool cannot take the instance (here a file stands where its study folder must be): the
+    instance stays journalled, `dicom-ai-node status` says how many wait and why, and once the spool is
+    mended it is placed and the error cleared."""
+    monkeypatch.setattr(ingest_journal, "RETRY_S", (0.2, 0.2))
+    monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 0.2)
+    config = parse_config(f"node: {{data_dir: {tmp_path / 'node'}, port: {free_port()}}}\n")
+    store = JobStore(config.db_path)
+    journal = IngestJournal(config.journal_dir / "0", config.spool_dir, store)
+    journal.recover()
+    journal.start()
+    try:
+        [ds] = _ct_series(1)
+        instance, parts = _received(ds, config.spool_dir)
+        blocker = config.spool_dir / str(ds.StudyInstanceUID)
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")
+        seq = journal.append(instance, parts)  # acknowledged: it is in the journal
+        deadline = time.time() + 30
+        while time.time() < deadline and not store.journals()[0].last_error:
+            time.sleep(0.05)
+        [row] = store.journals()
+        assert row.waiting == 1 and "NotADirectoryError" in row.last_error
+        status = subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "status", "--data-dir",
+                                 str(config.node.data_dir)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert "1 instance(s) not yet in the spool" in status.stdout and "NotADirectoryError" in status.stdout
+        assert store.series(instance.series_uid) is None and not journal.wait_placed(seq, timeout=0.5)
+        blocker.unlink()  # the operator mends the spool: the next retry places it
+        assert journal.wait_placed(seq, timeout=30)
+        assert Path(instance.path).read_bytes() == b"".join(parts)
+        deadline = time.time() + 30
+        while time.time() < deadline and store.journals()[0].last_error:
+            time.sleep(0.05)
+        assert store.journals()[0].last_error == "" and store.journals()[0].waiting == 0
+    finally:
+        journal.close()

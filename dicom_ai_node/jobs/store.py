@@ -101,7 +101,10 @@ CREATE TABLE IF NOT EXISTS sends (
 CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt);
 CREATE TABLE IF NOT EXISTS journals (
     name TEXT PRIMARY KEY,
-    checkpoint_seq INTEGER NOT NULL
+    checkpoint_seq INTEGER NOT NULL,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
@@ -183,6 +186,17 @@ class PlannedJob:
     rule: str
     destinations: list[str]
     forward_sop_uids: tuple[str, ...] = ()  # forward jobs: the instances to send (after the rule's filter)
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    """An ingest journal as of its last checkpoint or failure (receive/journal.py)."""
+
+    name: str
+    checkpoint_seq: int
+    waiting: int  # instances acknowledged and journalled, not yet placed in the spool and recorded
+    last_error: str  # why placing them fails ('' when it does not)
+    updated: float
 
 
 @dataclass(frozen=True)
@@ -347,11 +361,26 @@ class JobStore:
         row = self._db().execute("SELECT checkpoint_seq FROM journals WHERE name=?", (journal,)).fetchone()
         return 0 if row is None else int(row["checkpoint_seq"])
 
-    def save_journal_checkpoint(self, journal: str, seq: int) -> None:
-        """Commit the checkpoint with a WAL fsync, which also makes every row committed before it durable."""
+    def save_journal_checkpoint(self, journal: str, seq: int, waiting: int = 0, now: float | None = None) -> None:
+        """Commit the checkpoint with a WAL fsync, which also makes every row committed before it durable.
+        `waiting`: instances journalled after it and not yet placed; a checkpoint clears the last error."""
+        now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("INSERT INTO journals(name, checkpoint_seq) VALUES (?, ?)"
-                       " ON CONFLICT(name) DO UPDATE SET checkpoint_seq=excluded.checkpoint_seq", (journal, seq))
+            db.execute("INSERT INTO journals(name, checkpoint_seq, waiting, last_error, updated) VALUES (?,?,?,'',?)"
+                       " ON CONFLICT(name) DO UPDATE SET checkpoint_seq=excluded.checkpoint_seq,"
+                       " waiting=excluded.waiting, last_error='', updated=excluded.updated",
+                       (journal, seq, waiting, now))
+
+    def journal_trouble(self, journal: str, waiting: int, error: str, now: float | None = None) -> None:
+        """Show that a journal's instances are not being placed, and why (for `dicom-ai-node status`)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE journals SET waiting=?, last_error=?, updated=? WHERE name=?",
+                       (waiting, error, now, journal))
+
+    def journals(self) -> list[JournalRow]:
+        rows = self._db().execute("SELECT * FROM journals ORDER BY name").fetchall()
+        return [JournalRow(r["name"], r["checkpoint_seq"], r["waiting"], r["last_error"], r["updated"]) for r in rows]
 
     def forget_journal(self, journal: str) -> None:
         with self._tx() as db:

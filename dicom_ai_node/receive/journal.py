@@ -413,11 +413,19 @@ class IngestJournal:
                 self.stats.waiting_since = self.stats.waiting_since or time.time()
                 log.error("ingest journal: placing %d instance(s) failed (%s); they stay journalled, retry in "
                           "%.0f s", len(batch), self.stats.last_error, delay)
+                self._report_trouble(len(batch))
                 with self._cond:
                     self._cond.wait(delay)
                 continue
             if closing and not batch:
                 return
+
+    def _report_trouble(self, waiting: int) -> None:
+        """Put the failure where `dicom-ai-node status` shows it, if the store itself can be written."""
+        try:
+            self.store.journal_trouble(self.name, waiting, self.stats.last_error)
+        except Exception:  # noqa: BLE001 - the log has it; the store may be what fails
+            pass
 
     def _place(self, batch: list[JournalEntry]) -> None:
         for entry in batch:
@@ -489,7 +497,7 @@ class IngestJournal:
             # Files and folder entries first, then the rows (the checkpoint's commit fsyncs the WAL, and
             # with it every row committed before it): only then may the journal forget the records.
             sync_filesystem(self.spool_dir)
-            self.store.save_journal_checkpoint(self.name, upto)
+            self.store.save_journal_checkpoint(self.name, upto, waiting=len(self._queue))
             self.stats.checkpoint_seq = upto
             self.stats.checkpoints += 1
         self._checkpointed_at = time.monotonic()
