@@ -172,6 +172,7 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"} | _CHAR
 
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=4096)
 def _routing_tag(tag: int) -> tuple[str, str] | None:
     """(keyword, dictionary VR) of a standard, non-private, non-pixel tag with a keyword, else None."""
     if (tag >> 16) & 1 or tag >> 16 == 0x7FE0:
@@ -224,6 +225,14 @@ def _split_text(vr: str, text: str) -> str | list[str]:
     return values[0] if len(values) == 1 else values
 
 
+@lru_cache(maxsize=16384)
+def _ascii_text(vr: str, raw: bytes) -> str | tuple[str, ...]:
+    """_split_text of an ASCII value, remembered: the instances of a series repeat most of their values
+    (patient, study, series, equipment), and this runs for every text element of every received instance."""
+    value = _split_text(vr, raw.rstrip(b"\0 ").decode("ascii") if vr == "PN" else raw.decode("ascii"))
+    return tuple(value) if isinstance(value, list) else value
+
+
 class _Values:
     """Decodes top-level element values for the routing header, as str(pydicom's value) would read."""
 
@@ -270,11 +279,12 @@ class _Values:
             return None
 
     def text(self, vr: str, raw: bytes) -> str | list[str]:
+        if raw.isascii() and b"\x1b" not in raw:
+            value = _ascii_text(vr, raw)
+            return list(value) if isinstance(value, tuple) else value
         if vr == "PN":
             raw = raw.rstrip(b"\0 ")
-        if raw.isascii() and b"\x1b" not in raw:
-            text = raw.decode("ascii")
-        elif vr in _CHARSET_VRS:
+        if vr in _CHARSET_VRS:
             text = decode_bytes(raw, self.encodings(), TEXT_VR_DELIMS)
         else:
             text = raw.decode("latin-1")  # pydicom's default encoding for the other text VRs
