@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -46,6 +47,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # default: at 0.5 ms an acknowledgement is no longer held up behind their Python work.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     service = NodeService(config)
+
+    def stop_on_signal(signum: int, _frame: object) -> None:
+        # systemd and docker stop with SIGTERM: stop as on Ctrl-C (journal placed, associations closed).
+        log.info("%s: stopping", signal.Signals(signum).name)
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
     log.info("dicom-ai-node %s: data in %s, pipelines: %s", __version__, config.node.data_dir.resolve(),
              ", ".join(f"{m.name} {m.version}" for m in service.manifests.values()) or "none")
     service.serve_forever()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -309,6 +310,10 @@ class NodeService:
         self.dispatcher.shutdown()
         if self.executor is not None:
             self.executor.shutdown()
+            # Its pool's locks are released when the objects are, not at exit (where the resource tracker
+            # would report them as leaked): let go of them now.
+            self.executor = None
+            gc.collect()
 
     def serve_forever(self) -> None:
         self.start()
@@ -319,6 +324,10 @@ class NodeService:
             log.info("stopping")
         finally:
             self.stop()
+
+    def request_stop(self) -> None:
+        """Make serve_forever stop the node (from a signal handler: it only sets an event)."""
+        self._stop.set()
 
     def _guarded(self, name: str, loop, wake: threading.Event, idle_s) -> None:
         # A stage loop must outlive any single bad series, job or destination: log and carry on.

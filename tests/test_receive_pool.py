@@ -7,6 +7,7 @@ import copy
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import PEER_ENV, free_port, node_config, require_tool, wait_for
+from conftest import PEER_ENV, REPO, free_port, node_config, require_tool, wait_for
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.receive.journal import IngestJournal
@@ -168,3 +169,28 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sigterm_to_the_process_group_stops_the_node_gracefully(tmp_path):
+    """systemd (without KillMode=mixed), `timeout` and Ctrl-C signal every process of the node's group: the
+    receive processes leave the stop to the node, which places and checkpoints their journals and exits 0."""
+    require_tool("storescu")
+    port = free_port()
+    config_path = tmp_path / "node.yaml"
+    config_path.write_text(f"node: {{port: {port}, bind_address: 127.0.0.1, data_dir: {tmp_path / 'node'}, "
+                           f"min_free_disk_mb: 1, ae_title: {NODE_AE}, receive_processes: 2}}\nrules: []\n")
+    node = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config_path)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: _storescu(port, [Path(get_testdata_file("CT_small.dcm"))]).wait(timeout=60) == 0,
+                 timeout=120, interval=1.0, what="the node to take an instance")
+        os.killpg(node.pid, signal.SIGTERM)
+        assert node.wait(timeout=120) == 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+    assert "SIGTERM: stopping" in node.stderr.read()
+    store = JobStore(tmp_path / "node" / "state.sqlite3")
+    assert sorted(j.checkpoint_seq for j in store.journals()) == [0, 1]  # placed and checkpointed, not replayed
+    assert len(store.all_series()) == 1 and store.all_series()[0].instances == 1

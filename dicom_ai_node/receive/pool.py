@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
 import socket
 import sys
 import threading
@@ -173,6 +174,11 @@ def receive_process(config: NodeConfig, journal: str, channel: socket.socket, lo
 
     setup_logging(log_level)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # A stop signal to the whole process group (Ctrl-C, systemd's default KillMode) is the node's to act
+    # on: it closes this process's channel, and this process then places, checkpoints and ends. Killed
+    # alone it would leave its journal to be replayed.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     receiver = Receiver(config, JobStore(config.db_path), AuditLog(config.audit_path), journal=journal)
     receiver.start(listen=False)
     assert receiver.acceptor is not None
