@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import socket
 import struct
 import subprocess
@@ -634,5 +635,35 @@ def test_a_journal_that_cannot_place_keeps_its_instances_and_says_why(tmp_path, 
         while time.time() < deadline and store.journals()[0].last_error:
             time.sleep(0.05)
         assert store.journals()[0].last_error == "" and store.journals()[0].waiting == 0
+    finally:
+        journal.close()
+
+
+def test_a_failed_journal_write_fails_only_its_c_store_and_the_next_goes_to_a_new_segment(tmp_path, monkeypatch):
+    """A write to the journal fails (the disk is full): that append raises, so its C-STORE is answered
+    Out of Resources and the sender keeps it; the segment is never written again, later appends go on in a
+    new one, and what was acknowledged before and after is placed."""
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
+    journal.recover()
+    journal.start()
+    try:
+        received = [_received(ds, spool_dir) for ds in _ct_series(3)]
+        journal.append(*received[0])
+        first_segment = journal._current  # noqa: SLF001
+        real_pwritev = os.pwritev
+
+        def disk_full(fd, buffers, offset):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ingest_journal.os, "pwritev", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            journal.append(*received[1])
+        monkeypatch.setattr(ingest_journal.os, "pwritev", real_pwritev)
+        last = journal.append(*received[2])
+        assert journal._current is not first_segment  # noqa: SLF001 - the failed segment is not written again
+        assert journal.wait_placed(last, timeout=30)
+        recorded = {row.sop_uid for row in store.instances(received[0][0].series_uid)}
+        assert recorded == {received[0][0].sop_uid, received[2][0].sop_uid}
     finally:
         journal.close()
