@@ -172,7 +172,6 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"} | _CHAR
 
 
 @lru_cache(maxsize=None)
-@lru_cache(maxsize=4096)
 def _routing_tag(tag: int) -> tuple[str, str] | None:
     """(keyword, dictionary VR) of a standard, non-private, non-pixel tag with a keyword, else None."""
     if (tag >> 16) & 1 or tag >> 16 == 0x7FE0:
