@@ -70,7 +70,7 @@ class JournalClosed(OSError):
 class JournalEntry:
     seq: int
     instance: ReceivedInstance
-    parts: Sequence[Any]  # the spool file's bytes (file meta, dataset) until journalled; empty when in place
+    parts: Sequence[Any]  # the spool file's bytes (file meta, dataset) of a replayed record; else empty
     in_place: bool
     length: int = 0  # of the file's bytes
     # Where the journal holds the file's bytes once written (segment, offset): the placer copies them from
@@ -90,16 +90,11 @@ class _Segment:
 
 @dataclass
 class JournalStats:
-    appended: int = 0
     flushes: int = 0
-    placed: int = 0
     checkpoints: int = 0
-    replayed: int = 0
-    last_error: str = ""
-    waiting_since: float | None = None  # the placer is retrying since then
-    placed_seq: int = 0
     checkpoint_seq: int = 0
-    backlog: int = 0
+    replayed: int = 0
+    last_error: str = ""  # of the placer's last failure
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -241,7 +236,7 @@ class IngestJournal:
         self._placed_seq = highest
         self.store.save_journal_checkpoint(self.name, highest)
         self.stats.replayed = len(replay)
-        self.stats.placed_seq = self.stats.checkpoint_seq = highest
+        self.stats.checkpoint_seq = highest
         # Every segment is reusable now; the largest becomes the one written to.
         reusable = sorted((self._open_segment(path) for path in segments), key=lambda s: -s.capacity)
         for segment in reusable[1:]:
@@ -288,7 +283,7 @@ class IngestJournal:
                 raise JournalClosed("the ingest journal is closed: the node is stopping")
             seq = self._next_seq
             self._next_seq += 1
-            entry = JournalEntry(seq, instance, parts, in_place)
+            entry = JournalEntry(seq, instance, (), in_place, record.length)
             self._pending.append((entry, record))
             while seq not in self._done and self._leading:
                 self._cond.wait()
@@ -333,10 +328,8 @@ class IngestJournal:
             for entry, record in batch:
                 self._done[entry.seq] = error
                 if error is None:
-                    entry.parts, entry.length = (), record.length  # from now on read from the journal
                     self._queue.append(entry)  # in sequence order: leaders follow one another
                     self._queued_bytes += record.length
-            self.stats.appended += len(batch) if error is None else 0
             self.stats.flushes += 1
             self._last_append = time.monotonic()
             self._leading = False
@@ -393,7 +386,6 @@ class IngestJournal:
                         self._cond.wait(gathered - time.monotonic())
                 batch = list(self._queue)
                 closing = self._closed
-                self.stats.backlog = len(batch)
             try:
                 if batch:
                     self._place(batch)
@@ -401,7 +393,6 @@ class IngestJournal:
                     self._checkpoint()
                 self._prepare_spare()
                 failures = 0
-                self.stats.waiting_since = None
             except Exception as exc:  # noqa: BLE001 - the journal keeps the instances: retry, never drop
                 if closing:
                     log.error("ingest journal: %d instance(s) could not be placed before stopping (%s); they stay "
@@ -410,7 +401,6 @@ class IngestJournal:
                 failures += 1
                 delay = min(RETRY_S[0] * 2 ** (failures - 1), RETRY_S[1])
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.stats.waiting_since = self.stats.waiting_since or time.time()
                 log.error("ingest journal: placing %d instance(s) failed (%s); they stay journalled, retry in "
                           "%.0f s", len(batch), self.stats.last_error, delay)
                 self._report_trouble(len(batch))
@@ -440,8 +430,6 @@ class IngestJournal:
                 self._queue.popleft()
                 self._queued_bytes -= entry.length
             self._placed_seq = batch[-1].seq
-            self.stats.placed += len(batch)
-            self.stats.placed_seq = self._placed_seq
             self._cond.notify_all()
 
     def _place_file(self, entry: JournalEntry, durable: bool) -> None:
