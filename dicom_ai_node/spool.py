@@ -1,9 +1,10 @@
 """Durable instance storage and the integrity checks done before an instance is acknowledged.
 
-A received instance is streamed to a temporary file in the spool (it is never held whole in memory),
-checked, fdatasynced, renamed into its folder and the folder fsynced: after `IncomingInstance.commit`
-returns, a power cut cannot lose it. Paths are built only from UIDs that passed `is_safe_uid`, so a hostile
-UID such as "../../etc" never becomes a path.
+A received instance is held in memory while it is small and then handed, checked (`IncomingInstance.check`),
+to the ingest journal (receive/journal.py), which makes it durable and places it in the spool. One too
+large to hold is streamed to a temporary file in the spool, checked, fdatasynced, renamed into its folder
+and the folder fsynced (`IncomingInstance.commit`): after that a power cut cannot lose it. Paths are built
+only from UIDs that passed `is_safe_uid`, so a hostile UID such as "../../etc" never becomes a path.
 
 The checks read the received bytes without decoding them into a pydicom Dataset: one walk over the
 element headers proves the stream is complete (no element and no sequence cut short) and collects the
@@ -619,7 +620,7 @@ class IncomingInstance:
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax_uid = transfer_syntax_uid
-        self.tmp = spool_dir / f".incoming-{uuid.uuid4().hex}.tmp"
+        self.tmp: Path | None = None  # named when it is created: most instances never need one
         self.meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
         self.meta_size = len(self.meta)
         self.dataset_size = 0
@@ -630,8 +631,8 @@ class IncomingInstance:
     def _open(self, folder: Path | None = None) -> None:
         """Create the temporary file: in the instance's own folder once that is known (the rename then
         changes one folder only), else in the spool's root."""
-        if folder is not None:
-            self.tmp = folder / self.tmp.name
+        name = self.tmp.name if self.tmp is not None else f".incoming-{uuid.uuid4().hex}.tmp"
+        self.tmp = (folder or self.spool_dir) / name
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._created = True
         self._write(self.meta)
@@ -661,6 +662,7 @@ class IncomingInstance:
                 return parse_dataset(self._data, 0, self.transfer_syntax_uid, self.sop_class_uid,
                                      self.sop_instance_uid)
             return parse_with_pydicom(self.meta + bytes(self._data), self.sop_class_uid, self.sop_instance_uid)
+        assert self.tmp is not None  # spilled: the dataset is in its temporary file
         if not walks_raw(self.transfer_syntax_uid):
             return parse_with_pydicom(self.tmp.read_bytes(), self.sop_class_uid, self.sop_instance_uid)
         with open(self.tmp, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
@@ -681,11 +683,8 @@ class IncomingInstance:
         header = self._parse()
         return instance_path(self.spool_dir, header), header
 
-    def commit(self, sync_folder: bool = True) -> tuple[Path, InstanceHeader]:
-        """Check the instance (InvalidInstance), then make it durable under its final name (OSError).
-
-        With sync_folder=False the caller fsyncs the folder (path.parent) itself, as the receiver's group
-        commit does for several instances at once: until then the new name may not survive a power cut."""
+    def commit(self) -> tuple[Path, InstanceHeader]:
+        """Check the instance (InvalidInstance), then make it durable under its final name (OSError)."""
         header = self._parse()
         path = instance_path(self.spool_dir, header)
         if self._fd is None:  # held in memory until now: written straight into its folder
@@ -695,7 +694,7 @@ class IncomingInstance:
             except FileNotFoundError:  # retention removed the folder since it was known
                 self._ensure_folder(path.parent, again=True)
                 self._open(path.parent)
-        assert self._fd is not None
+        assert self._fd is not None and self.tmp is not None
         self._data = bytearray()
         os.fdatasync(self._fd)  # the data, and the size that reaches it
         os.close(self._fd)
@@ -707,8 +706,7 @@ class IncomingInstance:
             self._ensure_folder(path.parent, again=True)
             os.rename(self.tmp, path)
         self._created = False
-        if sync_folder:
-            fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path, header
 
     def _ensure_folder(self, folder: Path, again: bool = False) -> None:

@@ -90,6 +90,12 @@ class AssociationPolicy:
         return None
 
 
+def announce_listening(config: NodeConfig, port: int, detail: str = "") -> None:
+    if not config.peers:
+        log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
+    log.info("listening as %s on %s:%d%s", config.node.ae_title, config.node.bind_address, port, detail)
+
+
 class Receiver:
     """The C-STORE SCP. `start()` listens in background threads; `stop()` closes the listener."""
 
@@ -124,9 +130,7 @@ class Receiver:
         )
         self.acceptor.start()
         if listen:
-            if not self.policy.peers:
-                log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
-            log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
+            announce_listening(self.config, self.port)
 
     def stop(self) -> None:
         if self.acceptor is not None:
@@ -184,16 +188,12 @@ class _IncomingStore:
                 log.error("C-STORE %s refused: free disk below %d MB", self.sop_uid, node.min_free_disk_mb)
                 self.status = STATUS_OUT_OF_RESOURCES
                 return
-            try:
-                self.incoming = IncomingInstance(spool, request.sop_class_uid, self.sop_uid, transfer_syntax,
-                                                 assoc.calling_ae)
-            except FileNotFoundError:  # the spool folder was removed under us
-                spool.mkdir(parents=True, exist_ok=True)
-                self.incoming = IncomingInstance(spool, request.sop_class_uid, self.sop_uid, transfer_syntax,
-                                                 assoc.calling_ae)
         except OSError as exc:
             log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
             self.status = STATUS_OUT_OF_RESOURCES
+            return
+        self.incoming = IncomingInstance(spool, request.sop_class_uid, self.sop_uid, transfer_syntax,
+                                         assoc.calling_ae)
 
     def _drop(self, status: int) -> None:
         self.status = status
