@@ -255,7 +255,7 @@ class NodeService:
         self.store = JobStore(config.db_path)
         self.audit = AuditLog(config.audit_path)
         self.receiver: Receiver | ReceiverPool = (
-            ReceiverPool(config, self.store, self.audit, config.node.receive_processes)
+            ReceiverPool(config, self.store, config.node.receive_processes)
             if config.node.receive_processes > 1 else Receiver(config, self.store, self.audit))
         self.dispatcher = Dispatcher(config, self.store, self.audit)
         self.completion = completion_policy(config)

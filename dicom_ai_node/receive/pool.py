@@ -26,8 +26,8 @@ from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.receive.journal import recover_other_journals
-from dicom_ai_node.receive.scp import AssociationPolicy, Receiver
-from dicom_ai_node.receive.ul import accept_connections, listen
+from dicom_ai_node.receive.scp import Receiver, announce_listening
+from dicom_ai_node.receive.ul import Listener
 
 log = logging.getLogger("dicom_ai_node.receive")
 
@@ -58,22 +58,19 @@ class _Process:
 class ReceiverPool:
     """The same interface as Receiver for the service: start(), stop(), port."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, audit: AuditLog, processes: int) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, processes: int) -> None:
         self.config = config
         self.store = store
-        self.audit = audit
         self.count = processes
         self._context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
         self._processes: list[_Process] = []
-        self._listener: socket.socket | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="dicom-acceptor", daemon=True)
+        self._listener: Listener | None = None
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
         assert self._listener is not None
-        return int(self._listener.getsockname()[1])
+        return self._listener.port
 
     def start(self) -> None:
         config = self.config
@@ -83,18 +80,14 @@ class ReceiverPool:
         if replayed:
             log.info("replayed %d instance(s) from the journals of former receive processes", replayed)
         self._processes = [self._spawn(i) for i in range(self.count)]
-        self._listener = listen(config.node.bind_address, config.node.port)
-        self._thread.start()
-        if not AssociationPolicy.from_config(config).peers:
-            log.warning("no peers configured: only associations from 127.0.0.1 / ::1 are accepted")
-        log.info("listening as %s on %s:%d (%d receive processes)", config.node.ae_title, config.node.bind_address,
-                 self.port, self.count)
+        self._listener = Listener(config.node.bind_address, config.node.port, self._take,
+                                  every_turn=self._replace_dead)
+        self._listener.start()
+        announce_listening(config, self.port, f" ({self.count} receive processes)")
 
     def stop(self) -> None:
-        self._stop.set()
         if self._listener is not None:
-            self._thread.join(timeout=5)
-            self._listener.close()
+            self._listener.stop()
         with self._lock:
             processes, self._processes = self._processes, []
         for child in processes:
@@ -125,10 +118,6 @@ class ReceiverPool:
             raise RuntimeError(f"receive process {index} did not start (exit code {process.exitcode}); see its log")
         ours.settimeout(None)
         return _Process(index, process, ours)
-
-    def _serve(self) -> None:
-        assert self._listener is not None
-        accept_connections(self._listener, self._stop, self._take, every_turn=self._replace_dead)
 
     def _take(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         try:

@@ -156,33 +156,50 @@ def encode_response(command_field: int, message_id: int, sop_class_uid: str, sta
 
 # -- the acceptor -----------------------------------------------------------------------------------------
 
-def listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=64)
-    listener.settimeout(0.5)  # so that a stop is noticed
-    return listener
+class Listener:
+    """Accepts connections on (host, port) in a thread and gives each to `take`; `every_turn` runs at least
+    every 0.5 s (the accept timeout, which is also how soon `stop` is noticed)."""
 
+    def __init__(self, host: str, port: int, take: Callable[[socket.socket, tuple[Any, ...]], None],
+                 every_turn: Callable[[], None] | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family, backlog=64)
+        self._socket.settimeout(0.5)
+        self._take = take
+        self._every_turn = every_turn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dicom-acceptor", daemon=True)
 
-def accept_connections(listener: socket.socket, stop: threading.Event,
-                       take: Callable[[socket.socket, tuple[Any, ...]], None],
-                       every_turn: Callable[[], None] | None = None) -> None:
-    """Accept until `stop` is set, giving each connection to `take`; `every_turn` runs at least every 0.5 s."""
-    while not stop.is_set():
-        if every_turn is not None:
-            every_turn()
-        try:
-            sock, address = listener.accept()
-        except TimeoutError:
-            continue
-        except OSError:
-            if stop.is_set():
+    @property
+    def port(self) -> int:
+        return int(self._socket.getsockname()[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self._every_turn is not None:
+                self._every_turn()
+            try:
+                sock, address = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                log.exception("accept failed")
+                continue
+            if self._stop.is_set():
+                sock.close()
                 return
-            log.exception("accept failed")
-            continue
-        if stop.is_set():
-            sock.close()
-            return
-        take(sock, address)
+            self._take(sock, address)
 
 
 class Acceptor:
@@ -199,37 +216,27 @@ class Acceptor:
         self.max_associations = max_associations
         self.max_pdu = max_pdu
         self.timeout_s = timeout_s
-        self._listener: socket.socket | None = None
-        if host is not None:
-            self._listener = listen(host, port)
-        self._stop = threading.Event()
+        self._listener = Listener(host, port, self.handle) if host is not None else None
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
-        self._thread = threading.Thread(target=self._serve, name="dicom-acceptor", daemon=True)
 
     @property
     def port(self) -> int:
         assert self._listener is not None
-        return int(self._listener.getsockname()[1])
+        return self._listener.port
 
     def start(self) -> None:
         if self._listener is not None:
-            self._thread.start()
+            self._listener.start()
 
     def stop(self) -> None:
         """Stop listening and abort the associations in progress (their senders keep what was not answered)."""
-        self._stop.set()
         if self._listener is not None:
-            self._thread.join(timeout=5)
-            self._listener.close()
+            self._listener.stop()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
             connection.close()
-
-    def _serve(self) -> None:
-        assert self._listener is not None
-        accept_connections(self._listener, self._stop, self.handle)
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
                on_close: Callable[[], None] | None = None) -> None:
