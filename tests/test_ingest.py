@@ -227,6 +227,15 @@ def _ct_series(count: int) -> list[Dataset]:
     return out
 
 
+def _running_journal(tmp_path: Path, **options) -> tuple[JobStore, Path, IngestJournal]:
+    """A journal in tmp_path with its store and spool, recovered (nothing to replay) and placing."""
+    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
+    journal = IngestJournal(tmp_path / "journal", spool_dir, store, **options)
+    assert journal.recover() == 0
+    journal.start()
+    return store, spool_dir, journal
+
+
 @pytest.fixture
 def no_checkpoints(monkeypatch):
     """The placer places but never checkpoints, as if the process died before its first checkpoint."""
@@ -235,10 +244,7 @@ def no_checkpoints(monkeypatch):
 
 
 def test_journal_appends_from_several_threads_are_placed_recorded_and_checkpointed(tmp_path):
-    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
-    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
-    assert journal.recover() == 0
-    journal.start()
+    store, spool_dir, journal = _running_journal(tmp_path)
     datasets = _ct_series(100)
     received = [_received(ds, spool_dir) for ds in datasets]
     seqs, errors = [], []
@@ -293,10 +299,7 @@ def test_journal_replays_what_was_acknowledged_but_not_placed(tmp_path, no_check
 def test_replay_of_placed_instances_rewrites_files_but_does_not_reopen_their_series(tmp_path, no_checkpoints):
     """Placed and recorded, series already routed, but no checkpoint yet when the process died: the replay
     restores the files (whatever the power cut left of them) and leaves rows and series as they are."""
-    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
-    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
-    journal.recover()
-    journal.start()
+    store, spool_dir, journal = _running_journal(tmp_path)
     received = [_received(ds, spool_dir) for ds in _ct_series(3)]
     for instance, parts in received:
         last = journal.append(instance, parts)
@@ -338,10 +341,7 @@ def test_segment_scan_stops_at_a_torn_corrupt_or_stale_record(tmp_path):
 
 def test_segments_are_reused_after_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 0.0)
-    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
-    journal = IngestJournal(tmp_path / "journal", spool_dir, store, segment_bytes=100_000)  # ~2 CT_small each
-    journal.recover()
-    journal.start()
+    store, spool_dir, journal = _running_journal(tmp_path, segment_bytes=100_000)  # ~2 CT_small each
     received = [_received(ds, spool_dir) for ds in _ct_series(40)]
     for instance, parts in received:
         last = journal.append(instance, parts)
@@ -643,10 +643,7 @@ def test_a_failed_journal_write_fails_only_its_c_store_and_the_next_goes_to_a_ne
     """A write to the journal fails (the disk is full): that append raises, so its C-STORE is answered
     Out of Resources and the sender keeps it; the segment is never written again, later appends go on in a
     new one, and what was acknowledged before and after is placed."""
-    store, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "spool"
-    journal = IngestJournal(tmp_path / "journal", spool_dir, store)
-    journal.recover()
-    journal.start()
+    store, spool_dir, journal = _running_journal(tmp_path)
     try:
         received = [_received(ds, spool_dir) for ds in _ct_series(3)]
         journal.append(*received[0])
