@@ -270,7 +270,16 @@ class IngestJournal:
     def append(self, instance: ReceivedInstance, parts: Sequence[Any] = (), in_place: bool = False) -> int:
         """Journal one instance; returns its sequence number once it is on disk, raises OSError if it
         could not be made durable (the C-STORE then fails and the sender keeps its copy)."""
-        record = _Record.encode(instance, parts, in_place)  # outside the lock: the CRC reads every byte
+        [outcome] = self.append_batch([(instance, parts, in_place)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def append_batch(self, items: Sequence[tuple[ReceivedInstance, Sequence[Any], bool]]) -> list[int | BaseException]:
+        """Journal several instances (row, file bytes, in place) with one flush; per instance, its sequence
+        number once it is on disk or the error that kept it from being made durable. Raises OSError when the
+        journal takes none of them (closed, or its backlog stayed full)."""
+        records = [_Record.encode(instance, parts, in_place) for instance, parts, in_place in items]  # outside the lock: the CRC reads every byte
         with self._cond:
             deadline = time.monotonic() + BACKLOG_WAIT_S
             while self._queued_bytes > BACKLOG_BYTES and not self._closed:
@@ -281,23 +290,25 @@ class IngestJournal:
                 self._cond.wait(remaining)
             if self._closed:
                 raise JournalClosed("the ingest journal is closed: the node is stopping")
-            seq = self._next_seq
-            self._next_seq += 1
-            entry = JournalEntry(seq, instance, (), in_place, record.length)
-            self._pending.append((entry, record))
-            while seq not in self._done and self._leading:
+            seqs = []
+            for (instance, _, in_place), record in zip(items, records):
+                seq = self._next_seq
+                self._next_seq += 1
+                self._pending.append((JournalEntry(seq, instance, (), in_place, record.length), record))
+                seqs.append(seq)
+            # All of them are pending together, so one leader writes them all: wait for the last one.
+            last = seqs[-1]
+            while last not in self._done and self._leading:
                 self._cond.wait()
             batch: list[tuple[JournalEntry, _Record]] = []
-            if seq not in self._done:
+            if last not in self._done:
                 self._leading = True
                 batch, self._pending = self._pending, []
         if batch:
             self._write_batch(batch)
         with self._cond:
-            error = self._done.pop(seq)
-        if error is not None:
-            raise error
-        return seq
+            errors = [self._done.pop(seq) for seq in seqs]
+        return [seq if error is None else error for seq, error in zip(seqs, errors)]
 
     def _write_batch(self, batch: list[tuple[JournalEntry, _Record]]) -> None:
         error: BaseException | None = None

@@ -5,8 +5,8 @@ An instance is answered 0x0000 only once it is on disk: checked without being de
 flush shared by the associations that deliver at the same moment), from which it is placed in the spool
 and recorded in the job store. An instance too large to hold in memory is streamed to its spool file,
 which is fdatasynced and its folder fsynced before its row is journalled. Any failure before that gets a
-failure status, so the sender keeps its copy and retries. Associations run on `ul.Acceptor` (blocking I/O,
-a thread per association); the release of an association is recorded once its instances are.
+failure status, so the sender keeps its copy and retries. Associations run on `ul.Acceptor` (one event
+loop); the release of an association is recorded once its instances are.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import shutil
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
@@ -170,9 +171,34 @@ class Receiver:
     def begin_store(self, assoc: Association, request: StoreRequest, transfer_syntax: str) -> "_IncomingStore":
         return _IncomingStore(self, assoc, request, transfer_syntax)
 
+    def finish_stores(self, sinks: "list[_IncomingStore]") -> list[int]:
+        """Check each whole instance, journal those that pass with one flush, and give each C-STORE's status:
+        0x0000 only for an instance that is on disk."""
+        prepared = [sink.prepare() for sink in sinks]
+        statuses = [item if isinstance(item, int) else STATUS_SUCCESS for item in prepared]
+        journalled = [(index, item) for index, item in enumerate(prepared) if not isinstance(item, int)]
+        if not journalled:
+            return statuses
+        try:
+            outcomes: list[int | BaseException] = self.journal.append_batch([item for _, item in journalled])
+        except Exception as exc:  # noqa: BLE001 - the journal refuses them all (closing, or its backlog is full)
+            outcomes = [exc] * len(journalled)
+        for (index, item), outcome in zip(journalled, outcomes):
+            sop_uid = item[0].sop_uid
+            if isinstance(outcome, OSError):
+                log.error("C-STORE %s not stored: %s", sop_uid, outcome.strerror or outcome)
+                statuses[index] = STATUS_OUT_OF_RESOURCES
+            elif isinstance(outcome, BaseException):
+                log.error("C-STORE %s not stored: %s: %s", sop_uid, type(outcome).__name__, outcome)
+                statuses[index] = STATUS_PROCESSING_FAILURE
+            else:
+                sinks[index].assoc.state["last_seq"] = max(outcome, sinks[index].assoc.state.get("last_seq", 0))
+        return statuses
+
 
 class _IncomingStore:
-    """One C-STORE: its dataset goes to the spool as it arrives; `finish` answers once it is durable."""
+    """One C-STORE: its dataset is collected (or streamed to the spool) as it arrives; `prepare` checks it for
+    Receiver.finish_stores, which answers once it is durable."""
 
     def __init__(self, receiver: Receiver, assoc: Association, request: StoreRequest, transfer_syntax: str) -> None:
         self.receiver = receiver
@@ -218,7 +244,10 @@ class _IncomingStore:
     def abandon(self) -> None:
         self._drop(STATUS_PROCESSING_FAILURE)
 
-    def finish(self) -> int:
+    def prepare(self) -> "int | tuple[ReceivedInstance, tuple[Any, ...], bool]":
+        """Check the whole dataset: its status when it is refused, else what to journal (the row, the file's
+        bytes, and whether the file is already in place: a large instance streamed to its file is made
+        durable there, and only its row goes through the journal)."""
         incoming, self.incoming = self.incoming, None
         if incoming is None:
             return self.status
@@ -227,7 +256,7 @@ class _IncomingStore:
         try:
             if in_memory:
                 path, header = incoming.check()
-            else:  # streamed to its file: made durable there, only its row goes through the journal
+            else:
                 path, header = incoming.commit()
         except InvalidInstance as exc:
             incoming.discard()
@@ -249,16 +278,4 @@ class _IncomingStore:
             size=incoming.meta_size + incoming.dataset_size, header=header.routing_header,
             association_id=self.assoc.state.get("id"),
         )
-        try:
-            if in_memory:
-                seq = receiver.journal.append(instance, incoming.parts)
-            else:
-                seq = receiver.journal.append(instance, in_place=True)
-        except OSError as exc:
-            log.error("C-STORE %s not stored: %s", self.sop_uid, exc.strerror or exc)
-            return STATUS_OUT_OF_RESOURCES
-        except Exception:  # noqa: BLE001
-            log.exception("C-STORE %s not stored", self.sop_uid)
-            return STATUS_PROCESSING_FAILURE
-        self.assoc.state["last_seq"] = seq
-        return STATUS_SUCCESS
+        return instance, (incoming.parts if in_memory else ()), not in_memory

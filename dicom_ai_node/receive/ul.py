@@ -1,10 +1,11 @@
-"""A small DICOM Upper Layer acceptor (PS3.8) for the storage SCP: one thread per association, blocking I/O.
+"""A small DICOM Upper Layer acceptor (PS3.8) for the storage SCP: one event loop for all associations.
 
 pynetdicom's reactors poll their queues with 1 ms sleeps, which caps a Python SCP far below DCMTK's
 storescp however little the handler does (measured: ~350 CT_small/s per association with a handler that
-does nothing). This acceptor reads PDUs straight from the socket, hands each C-STORE dataset fragment to a
-sink as it arrives (the receiver streams it into the spool, never holding an instance in memory) and
-answers when the sink says the instance is safe. pynetdicom still encodes and decodes the association PDUs
+does nothing). This acceptor reads PDUs straight from non-blocking sockets, hands each C-STORE dataset
+fragment to a sink as it arrives (the receiver streams it into the spool, never holding a large instance in
+memory) and answers once the service has made the instance safe; the instances that become whole in the
+same turn of the loop are made safe together (one flush). pynetdicom still encodes and decodes the association PDUs
 and negotiates the presentation contexts, so what the node accepts is what pynetdicom would accept.
 
 Only what a storage SCP needs: A-ASSOCIATE (accept or reject), P-DATA with C-ECHO and C-STORE, A-RELEASE,
@@ -14,9 +15,12 @@ A-ABORT, an ARTIM/idle timeout. One operation at a time per association (asynchr
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import struct
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -52,7 +56,8 @@ ABORT_UNEXPECTED_PDU = 0x02
 
 _ASSOCIATE_RQ_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ is a few kB; refuse to buffer a hostile one
 _COMMAND_LIMIT = 1 << 16
-_CHUNK = 1 << 20  # dataset bytes are passed on in pieces of at most this size
+_READ_BYTES = 256 * 1024  # at most this much is read from a socket at a time
+STATUS_PROCESSING_FAILURE = 0x0110
 
 _pdu_header = struct.Struct(">BxI")
 _pdv_header = struct.Struct(">IBB")
@@ -93,8 +98,7 @@ class StoreRequest:
 
 
 class StoreSink(Protocol):
-    def write(self, data: memoryview) -> None: ...
-    def finish(self) -> int: ...  # the C-STORE status, once the instance is safe (or refused)
+    def write(self, data: memoryview) -> None: ...  # the next piece of the dataset (copy it: it is reused)
     def abandon(self) -> None: ...  # the association ended before the dataset did
 
 
@@ -104,6 +108,7 @@ class Service(Protocol):
     def released(self, assoc: Association) -> None: ...
     def echo(self, assoc: Association) -> int: ...
     def begin_store(self, assoc: Association, request: StoreRequest, transfer_syntax: str) -> StoreSink: ...
+    def finish_stores(self, sinks: list[StoreSink]) -> list[int]: ...  # each C-STORE's status, once safe
 
 
 # -- DIMSE command sets (implicit VR little endian, PS3.7 E) ---------------------------------------------
@@ -203,8 +208,18 @@ class Listener:
 
 
 class Acceptor:
-    """Runs each association in its own thread: those it accepts on (host, port), or, with host None, those
-    handed to it (`handle`) by a process that listens for it (receive/pool.py)."""
+    """Runs every association of this process in one thread, an event loop over non-blocking sockets: those
+    it accepts on (host, port), or, with host None, those handed to it (`handle`) by a process that listens
+    for it (receive/pool.py).
+
+    One thread because the work per instance is small and Python threads make it dear: with a thread per
+    association, four senders cost ~110 futex calls per instance (GIL hand-overs, condition wake-ups), as much
+    system CPU as the instance's own work (benchmarks/RESULTS.md, Ingest). Each turn the loop reads what every
+    ready socket holds, then finishes the instances that arrived whole in one batch (`Service.finish_stores`:
+    one journal flush for all of them), then answers them. What may wait long (a release waits until its
+    instances are placed; closing after a reject or an abort waits for the peer) runs in a short-lived thread
+    of its own, which then owns the socket.
+    """
 
     def __init__(self, host: str | None, port: int, service: Service, contexts: list[PresentationContext], *,
                  ae_title: str, require_called_ae: bool, max_associations: int, max_pdu: int,
@@ -218,7 +233,18 @@ class Acceptor:
         self.timeout_s = timeout_s
         self._listener = Listener(host, port, self.handle) if host is not None else None
         self._lock = threading.Lock()
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection] = set()  # every connection not yet closed, the loop's or not
+        self._handed: deque[_Connection] = deque()  # new connections, for the loop to take
+        self._looped: set[_Connection] = set()  # the connections the loop serves (loop thread only)
+        self._awaiting: list[_Connection] = []  # whose instance is whole and waits for its answer (loop only)
+        self._read_buffer = bytearray(_READ_BYTES)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dicom-receive", daemon=True)
 
     @property
     def port(self) -> int:
@@ -226,6 +252,7 @@ class Acceptor:
         return self._listener.port
 
     def start(self) -> None:
+        self._thread.start()
         if self._listener is not None:
             self._listener.start()
 
@@ -233,20 +260,33 @@ class Acceptor:
         """Stop listening and abort the associations in progress (their senders keep what was not answered)."""
         if self._listener is not None:
             self._listener.stop()
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         with self._lock:
             connections = list(self._connections)
-        for connection in connections:
+        for connection in connections:  # those in their own threads, and the loop's if it did not stop
             connection.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
                on_close: Callable[[], None] | None = None) -> None:
-        """Run the association on an accepted connection in its own thread. over_limit: refuse it (local
-        limit) whatever this acceptor counts; on_close: called when the connection is done."""
+        """Serve the association on an accepted connection (any thread). over_limit: refuse it (local limit)
+        whatever this acceptor counts; on_close: called when the connection is done."""
         connection = _Connection(self, sock, address, over_limit, on_close)
         with self._lock:
             self._connections.add(connection)
-        threading.Thread(target=connection.run, name=f"dicom-assoc-{address[0]}:{address[1]}",
-                         daemon=True).start()
+            self._handed.append(connection)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # a wake-up is pending already (buffer full), or the acceptor is closed
+            pass
 
     def _active(self) -> int:
         with self._lock:
@@ -256,8 +296,62 @@ class Acceptor:
         with self._lock:
             self._connections.discard(connection)
 
+    # -- the loop (its thread only) ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_idle_check = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            try:
+                events = self._selector.select(timeout=0.5)
+                for key, mask in events:
+                    connection = key.data
+                    if connection is None:
+                        self._take_handed()
+                    else:
+                        connection.on_events(mask)
+                self._finish_awaiting()
+                now = time.monotonic()
+                if now >= next_idle_check:
+                    next_idle_check = now + 1.0
+                    for connection in list(self._looped):
+                        connection.check_idle(now)
+            except Exception:  # noqa: BLE001 - a bug must cost at most one turn, never the receiver
+                log.exception("receive loop")
+        for connection in list(self._looped):
+            connection.close()
+            connection.finalize()
+
+    def _take_handed(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            with self._lock:
+                if not self._handed:
+                    return
+                connection = self._handed.popleft()
+            connection.begin()
+
+    def _finish_awaiting(self) -> None:
+        """Finish the instances that are whole, all in one batch, and answer them; an answered connection goes
+        on with what it has buffered, which may finish another instance for the next batch."""
+        while self._awaiting:
+            batch, self._awaiting = self._awaiting, []
+            sinks = [connection.sink for connection in batch]
+            try:
+                statuses = self.service.finish_stores(sinks)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - answer them all as failed; the senders keep their copies
+                log.exception("finishing %d C-STORE(s) failed", len(batch))
+                statuses = [STATUS_PROCESSING_FAILURE] * len(batch)
+            for connection, status in zip(batch, statuses):
+                connection.answer_store(status)
+
 
 class _Connection:
+    """One association's state, driven by the acceptor's loop: bytes in, PDUs parsed as they complete."""
+
     def __init__(self, acceptor: Acceptor, sock: socket.socket, address: tuple[Any, ...], over_limit: bool = False,
                  on_close: Callable[[], None] | None = None) -> None:
         self.acceptor = acceptor
@@ -268,36 +362,39 @@ class _Connection:
         if host.startswith("::ffff:") and "." in host:  # an IPv4 peer on a dual-stack listener
             host = host[len("::ffff:"):]
         self.assoc = Association(address=host, port=int(address[1]))
-        self.rfile = sock.makefile("rb", buffering=256 * 1024)
-        self.buffer = bytearray(_CHUNK)
+        self.inbuf = bytearray()  # received, not yet parsed
+        self.outbuf = bytearray()  # to send once the socket takes it
+        self.opened = False  # the association was accepted
+        self.handed_off = False  # a thread of its own closes it now
         self.closed = False
+        self.finalized = False
+        self.last_activity = time.monotonic()
+        self.pdu_left = 0  # bytes of the current P-DATA-TF not yet parsed
+        self.pdv_left = 0  # bytes of the current PDV's value not yet parsed
+        self.pdv_context = 0
+        self.pdv_control = 0
         # the DIMSE message in progress
         self.command = bytearray()
         self.command_context: int | None = None
         self.sink: StoreSink | None = None
         self.dataset_context: int | None = None
         self.pending: tuple[int, int, str, str] | None = None  # (context, message id, class, instance)
+        self.awaiting = False  # its instance is whole and waits for the batch's answer
 
-    # -- socket ------------------------------------------------------------------------------------------
+    # -- life ----------------------------------------------------------------------------------------------
 
-    def _read_exact(self, n: int) -> bytes:
-        data = self.rfile.read(n)
-        if len(data) != n:
-            raise PeerClosed()
-        return data
-
-    def _read_into(self, n: int) -> memoryview:
-        view = memoryview(self.buffer)[:n]
-        got = 0
-        while got < n:
-            count = self.rfile.readinto(view[got:])
-            if not count:
-                raise PeerClosed()
-            got += count
-        return view
-
-    def _send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def begin(self) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setblocking(False)
+            self.acceptor._selector.register(self.sock, selectors.EVENT_READ, self)  # noqa: SLF001
+        except (OSError, ValueError) as exc:
+            log.info("connection from %s dropped before its association: %s", self.assoc.address, exc)
+            self.close()
+            self.finalize()
+            return
+        self.acceptor._looped.add(self)  # noqa: SLF001
+        self.last_activity = time.monotonic()
 
     def close(self) -> None:
         if not self.closed:
@@ -306,8 +403,58 @@ class _Connection:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.rfile.close()
             self.sock.close()
+
+    def finalize(self) -> None:
+        """Once, when the connection is done: drop an unfinished instance, forget it, tell the owner."""
+        if self.finalized:
+            return
+        self.finalized = True
+        if self.sink is not None:
+            self.sink.abandon()
+            self.sink = None
+        self.acceptor._forget(self)  # noqa: SLF001
+        if self.on_close is not None:
+            self.on_close()
+
+    def _leave_loop(self) -> None:
+        if self in self.acceptor._looped:  # noqa: SLF001
+            self.acceptor._looped.discard(self)  # noqa: SLF001
+            try:
+                self.acceptor._selector.unregister(self.sock)  # noqa: SLF001
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _drop(self) -> None:
+        """Close now, in the loop (the peer is gone)."""
+        self._leave_loop()
+        self.close()
+        self.finalize()
+
+    def _hand_off(self, ending: Callable[[], None]) -> None:
+        """Run `ending` (then close) in a thread of its own, which owns the socket from now on."""
+        self._leave_loop()
+        self.handed_off = True
+        if self.sink is not None:
+            self.sink.abandon()
+            self.sink = None
+
+        def run() -> None:
+            try:
+                self.sock.setblocking(True)
+                if self.outbuf:
+                    self.sock.sendall(self.outbuf)
+                    self.outbuf.clear()
+                ending()
+            except OSError:
+                pass
+            except Exception:  # noqa: BLE001
+                log.exception("association from %s: closing failed", self.assoc.calling_ae or self.assoc.address)
+            finally:
+                self.close()
+                self.finalize()
+
+        threading.Thread(target=run, name=f"dicom-close-{self.assoc.address}:{self.assoc.port}", daemon=True).start()
 
     def _linger_close(self, wait_s: float = 5.0) -> None:
         """Close after the peer has read what we sent: it closes first (PS3.8 ARTIM), or wait_s passes.
@@ -322,71 +469,203 @@ class _Connection:
         self.close()
 
     def _abort(self, source: int = ABORT_SERVICE_PROVIDER, reason: int = 0x00) -> None:
-        try:
-            self._send(struct.pack(">BxIxxBB", A_ABORT_TYPE, 4, source, reason))
-        except OSError:
-            pass
-        self._linger_close(1.0)
+        abort = struct.pack(">BxIxxBB", A_ABORT_TYPE, 4, source, reason)
 
-    # -- the association ---------------------------------------------------------------------------------
+        def ending() -> None:
+            self.sock.sendall(abort)
+            self._linger_close(1.0)
 
-    def run(self) -> None:
-        opened = False
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.settimeout(self.acceptor.timeout_s)
-            pdu_type, length = _pdu_header.unpack(self._read_exact(6))
-            if pdu_type != A_ASSOCIATE_RQ_TYPE or length > _ASSOCIATE_RQ_LIMIT:
-                raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}",
-                                    ABORT_UNEXPECTED_PDU)
-            if not self._negotiate(_pdu_header.pack(pdu_type, length) + self._read_exact(length)):
-                return
-            opened = True
-            self.acceptor.service.opened(self.assoc)
-            while True:
-                pdu_type, length = _pdu_header.unpack(self._read_exact(6))
-                if pdu_type == P_DATA_TF_TYPE:
-                    self._p_data(length)
-                elif pdu_type == A_RELEASE_RQ_TYPE:
-                    self._read_exact(length)
-                    if self.sink is not None:
-                        raise ProtocolError("A-RELEASE-RQ in the middle of a C-STORE")
-                    self.acceptor.service.released(self.assoc)  # recorded before the sender hears it
-                    self._send(struct.pack(">BxIxxxx", A_RELEASE_RP_TYPE, 4))
-                    self._linger_close()
-                    return
-                elif pdu_type == A_ABORT_TYPE:
-                    self._read_exact(min(length, 64))
-                    log.info("association from %s aborted by the peer", self.assoc.calling_ae)
-                    return
-                else:
-                    raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
-        except PeerClosed:
-            if opened:
-                log.info("association from %s: connection closed by the peer", self.assoc.calling_ae)
-        except TimeoutError:
+        self._hand_off(ending)
+
+    def check_idle(self, now: float) -> None:
+        if not self.awaiting and now - self.last_activity > self.acceptor.timeout_s:
             log.warning("association from %s %s idle for %.0f s: aborted", self.assoc.calling_ae or "?",
                         self.assoc.address, self.acceptor.timeout_s)
             self._abort()
-        except ProtocolError as exc:
-            log.warning("association from %s %s aborted: %s", self.assoc.calling_ae or "?", self.assoc.address, exc)
-            self._abort(ABORT_SERVICE_PROVIDER, exc.reason)
+
+    # -- socket --------------------------------------------------------------------------------------------
+
+    def on_events(self, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._flush()
+            if mask & selectors.EVENT_READ and not self.handed_off and not self.closed:
+                self._read()
         except OSError as exc:
             if not self.closed:
                 log.info("association from %s: %s", self.assoc.calling_ae or self.assoc.address, exc)
-        except Exception:  # noqa: BLE001 - a bug must cost one association, never the listener
+            self._drop()
+
+    def _read(self) -> None:
+        buffer = self.acceptor._read_buffer  # noqa: SLF001 - one per loop: the bytes are copied out at once
+        try:
+            count = self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not count:
+            if self.opened:
+                log.info("association from %s: connection closed by the peer", self.assoc.calling_ae)
+            self._drop()
+            return
+        self.last_activity = time.monotonic()
+        with memoryview(buffer) as view:
+            self.inbuf += view[:count]
+        self._process()
+
+    def _send(self, data: bytes) -> None:
+        if not self.outbuf:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            if not self.handed_off:
+                self.acceptor._selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)  # noqa: SLF001
+        self.outbuf += data
+
+    def _flush(self) -> None:
+        if self.outbuf:
+            try:
+                sent = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            del self.outbuf[:sent]
+        if not self.outbuf:
+            self.acceptor._selector.modify(self.sock, selectors.EVENT_READ, self)  # noqa: SLF001
+
+    # -- parsing -------------------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Parse what is buffered, up to an instance that waits for its answer or the end of the bytes."""
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            log.warning("association from %s %s aborted: %s", self.assoc.calling_ae or "?", self.assoc.address, exc)
+            self._abort(ABORT_SERVICE_PROVIDER, exc.reason)
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug must cost one association, never the loop
             log.exception("association from %s failed", self.assoc.calling_ae or self.assoc.address)
             self._abort()
+
+    def _parse(self) -> None:
+        buf = self.inbuf
+        pos = 0
+        try:
+            while not self.awaiting and not self.handed_off and not self.closed:
+                available = len(buf) - pos
+                if self.pdv_left:  # inside a PDV's value
+                    take = min(available, self.pdv_left)
+                    if not take:
+                        return
+                    with memoryview(buf) as view, view[pos:pos + take] as piece:
+                        if self.pdv_control & 0x01:
+                            self.command += piece
+                        elif self.sink is not None:
+                            self.sink.write(piece)
+                    pos += take
+                    self.pdv_left -= take
+                    if not self.pdv_left:
+                        self._pdv_complete()
+                    continue
+                if self.pdu_left:  # inside a P-DATA-TF: the next PDV
+                    if self.pdu_left < 6:
+                        raise ProtocolError("P-DATA-TF with a truncated PDV item")
+                    if available < 6:
+                        return
+                    item_length, context_id, control = _pdv_header.unpack_from(buf, pos)
+                    if item_length < 2 or item_length + 4 > self.pdu_left:
+                        raise ProtocolError("PDV item longer than its PDU")
+                    pos += 6
+                    self.pdu_left -= item_length + 4
+                    self._pdv_begins(context_id, control, item_length - 2)
+                    if not self.pdv_left:
+                        self._pdv_complete()
+                    continue
+                if available < 6:
+                    return
+                pdu_type, length = _pdu_header.unpack_from(buf, pos)
+                if not self.opened:
+                    if pdu_type != A_ASSOCIATE_RQ_TYPE or length > _ASSOCIATE_RQ_LIMIT:
+                        raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}",
+                                            ABORT_UNEXPECTED_PDU)
+                    if available < 6 + length:
+                        return
+                    pdu = bytes(buf[pos:pos + 6 + length])
+                    pos += 6 + length
+                    if self._negotiate(pdu):
+                        self.opened = True
+                        self.acceptor.service.opened(self.assoc)
+                    continue
+                if pdu_type == P_DATA_TF_TYPE:
+                    pos += 6
+                    self.pdu_left = length
+                elif pdu_type == A_RELEASE_RQ_TYPE:
+                    if length > 64:
+                        raise ProtocolError("A-RELEASE-RQ of more than 64 bytes")
+                    if available < 6 + length:
+                        return
+                    pos += 6 + length
+                    if self.sink is not None or self.pending is not None:
+                        raise ProtocolError("A-RELEASE-RQ in the middle of a C-STORE")
+                    self._hand_off(self._release)
+                elif pdu_type == A_ABORT_TYPE:
+                    log.info("association from %s aborted by the peer", self.assoc.calling_ae)
+                    self._drop()
+                else:
+                    raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
         finally:
-            if self.sink is not None:
-                self.sink.abandon()
-                self.sink = None
-            self.close()
-            self.acceptor._forget(self)  # noqa: SLF001
-            if self.on_close is not None:
-                self.on_close()
+            del buf[:pos]
+
+    def _release(self) -> None:
+        """In the connection's own thread: record the release once its instances are, then answer it."""
+        self.acceptor.service.released(self.assoc)  # recorded before the sender hears it
+        self.sock.sendall(struct.pack(">BxIxxxx", A_RELEASE_RP_TYPE, 4))
+        self._linger_close()
+
+    def _pdv_begins(self, context_id: int, control: int, size: int) -> None:
+        if context_id not in self.assoc.contexts:
+            raise ProtocolError(f"presentation context {context_id} was not accepted")
+        if control & 0x01:
+            if self.pending is not None:
+                raise ProtocolError("a new command before the dataset of the previous one")
+            if self.command_context not in (None, context_id):
+                raise ProtocolError("command fragments on different presentation contexts")
+            if len(self.command) + size > _COMMAND_LIMIT:
+                raise ProtocolError("command set too large")
+            self.command_context = context_id
+        elif self.pending is None or context_id != self.dataset_context:
+            raise ProtocolError("dataset fragment without a C-STORE command")
+        self.pdv_context, self.pdv_control, self.pdv_left = context_id, control, size
+
+    def _pdv_complete(self) -> None:
+        if not self.pdv_control & 0x02:
+            return  # more fragments follow
+        if self.pdv_control & 0x01:
+            command, self.command, self.command_context = bytes(self.command), bytearray(), None
+            self._dispatch(self.pdv_context, decode_command(command))
+        else:  # the dataset is whole: finished with the others that are, then answered (answer_store)
+            self.awaiting = True
+            self.acceptor._awaiting.append(self)  # noqa: SLF001
+
+    def answer_store(self, status: int) -> None:
+        assert self.pending is not None
+        context, message_id, sop_class, sop_instance = self.pending
+        self.pending, self.sink, self.awaiting = None, None, False
+        try:
+            self._respond(context, encode_response(C_STORE_RSP, message_id, sop_class, status, sop_instance))
+            self._process()  # what the sender sent since (it may not wait for the answer)
+        except OSError as exc:
+            if not self.closed:
+                log.info("association from %s: %s", self.assoc.calling_ae or self.assoc.address, exc)
+            self._drop()
+
+    # -- the association's messages ----------------------------------------------------------------------
 
     def _negotiate(self, pdu: bytes) -> bool:
+        """Accept (True) or reject the association; a rejected one is closed in its own thread."""
         acceptor = self.acceptor
         rq = A_ASSOCIATE_RQ()
         try:
@@ -421,7 +700,7 @@ class _Connection:
             pdu_rj = A_ASSOCIATE_RJ()
             pdu_rj.from_primitive(reject)
             self._send(pdu_rj.encode())
-            self._linger_close()
+            self._hand_off(self._linger_close)
             return False
 
         results, role_items = negotiate_as_acceptor(
@@ -454,39 +733,6 @@ class _Connection:
         self._send(pdu_ac.encode())
         return True
 
-    # -- P-DATA --------------------------------------------------------------------------------------------
-
-    def _p_data(self, length: int) -> None:
-        remaining = length
-        while remaining:
-            if remaining < 6:
-                raise ProtocolError("P-DATA-TF with a truncated PDV item")
-            item_length, context_id, control = _pdv_header.unpack(self._read_exact(6))
-            if item_length < 2 or item_length + 4 > remaining:
-                raise ProtocolError("PDV item longer than its PDU")
-            remaining -= item_length + 4
-            if context_id not in self.assoc.contexts:
-                raise ProtocolError(f"presentation context {context_id} was not accepted")
-            size = item_length - 2
-            last = bool(control & 0x02)
-            if control & 0x01:
-                self._command_fragment(context_id, size, last)
-            else:
-                self._dataset_fragment(context_id, size, last)
-
-    def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
-        if self.pending is not None:
-            raise ProtocolError("a new command before the dataset of the previous one")
-        if self.command_context not in (None, context_id):
-            raise ProtocolError("command fragments on different presentation contexts")
-        if len(self.command) + size > _COMMAND_LIMIT:
-            raise ProtocolError("command set too large")
-        self.command_context = context_id
-        self.command += self._read_exact(size)
-        if last:
-            command, self.command, self.command_context = bytes(self.command), bytearray(), None
-            self._dispatch(context_id, decode_command(command))
-
     def _dispatch(self, context_id: int, command: dict[int, bytes]) -> None:
         field_ = _command_us(command, 0x00000100)
         message_id = _command_us(command, 0x00000110)
@@ -508,20 +754,6 @@ class _Connection:
             self.sink = self.acceptor.service.begin_store(self.assoc, request, transfer_syntax)
         else:
             raise ProtocolError(f"unsupported command {field_:#06x} on presentation context {context_id}")
-
-    def _dataset_fragment(self, context_id: int, size: int, last: bool) -> None:
-        if self.sink is None or self.pending is None or context_id != self.dataset_context:
-            raise ProtocolError("dataset fragment without a C-STORE command")
-        while size:
-            chunk = min(size, _CHUNK)
-            self.sink.write(self._read_into(chunk))
-            size -= chunk
-        if last:
-            sink, self.sink = self.sink, None
-            context, message_id, sop_class, sop_instance = self.pending
-            self.pending = None
-            status = sink.finish()
-            self._respond(context, encode_response(C_STORE_RSP, message_id, sop_class, status, sop_instance))
 
     def _respond(self, context_id: int, command: bytes) -> None:
         """Send a command set in P-DATA-TF PDUs no larger than the peer accepts."""
