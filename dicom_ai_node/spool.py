@@ -95,51 +95,55 @@ def _walk(buf: Any, pos: int, end: int, explicit: bool, nested: bool, top: _Elem
 
     `nested`: the dataset is an undefined-length item, ended by an Item Delimitation Item. `top`, when
     given, collects the elements (the top level). Raises InvalidInstance where the stream ends early.
+    This runs for every received instance: the look-ups are bound to locals.
     """
+    positions = lengths = vrs = None
+    if top is not None:
+        positions, lengths, vrs = top.pos, top.length, top.vr
+    unpack_explicit, unpack_u32, unpack_tag_length = _unpack_explicit, _unpack_u32, _unpack_tag_length
+    long_length_vrs, known_vrs = _LONG_LENGTH_VRS, _VRS
     while pos < end:
         if pos + 8 > end:
             raise InvalidInstance(f"stream of {end} bytes ends inside an element header at byte {pos}")
         if explicit:
-            group, element, vr, length = _unpack_explicit(buf, pos)
+            group, element, vr, length = unpack_explicit(buf, pos)
             if group == 0xFFFE:  # item tags carry no VR, in any transfer syntax
                 vr = None
-                length = _unpack_u32(buf, pos + 4)[0]
+                length = unpack_u32(buf, pos + 4)[0]
                 value_pos = pos + 8
-            elif vr in _LONG_LENGTH_VRS:
+            elif vr in long_length_vrs:
                 if pos + 12 > end:
                     tag = group << 16 | element
                     raise InvalidInstance(f"stream of {end} bytes ends inside the header of {_tag_str(tag)}")
-                length = _unpack_u32(buf, pos + 8)[0]
+                length = unpack_u32(buf, pos + 8)[0]
                 value_pos = pos + 12
-            elif vr in _VRS:
+            elif vr in known_vrs:
                 value_pos = pos + 8
             else:
                 raise InvalidInstance(f"element {_tag_str(group << 16 | element)} has no valid VR")
         else:
-            group, element, length = _unpack_tag_length(buf, pos)
+            group, element, length = unpack_tag_length(buf, pos)
             vr = None
             value_pos = pos + 8
         tag = group << 16 | element
-        if tag == _ITEM_END and nested:
-            return value_pos
         if group == 0xFFFE:
+            if tag == _ITEM_END and nested:
+                return value_pos
             raise InvalidInstance(f"unexpected item tag {_tag_str(tag)} at byte {pos}")
         if length == UNDEFINED_LENGTH:
             # A sequence, encapsulated pixel data or an undefined-length UN (whose items are implicit VR)
             pos = _skip_items(buf, value_pos, end, explicit and vr != b"UN", tag)
-            if top is not None:
-                top.pos[tag], top.length[tag] = value_pos, None
-                if vr is not None:
-                    top.vr[tag] = vr
+            length = None
         else:
             pos = value_pos + length
             if pos > end:
                 raise InvalidInstance(
                     f"element {_tag_str(tag)} is truncated: {max(end - value_pos, 0)} of {length} bytes")
-            if top is not None:
-                top.pos[tag], top.length[tag] = value_pos, length
-                if vr is not None:
-                    top.vr[tag] = vr
+        if positions is not None:
+            positions[tag] = value_pos
+            lengths[tag] = length  # type: ignore[index]
+            if vr is not None:
+                vrs[tag] = vr  # type: ignore[index]
     if nested:
         raise InvalidInstance(f"stream of {end} bytes ends inside a sequence item")
     return pos
@@ -172,7 +176,6 @@ _CHARSET_VRS = {"SH", "LO", "UC", "LT", "ST", "UT", "PN"}  # decoded with the Sp
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"} | _CHARSET_VRS
 
 
-@lru_cache(maxsize=None)
 def _routing_tag(tag: int) -> tuple[str, str] | None:
     """(keyword, dictionary VR) of a standard, non-private, non-pixel tag with a keyword, else None."""
     if (tag >> 16) & 1 or tag >> 16 == 0x7FE0:
@@ -225,12 +228,23 @@ def _split_text(vr: str, text: str) -> str | list[str]:
     return values[0] if len(values) == 1 else values
 
 
-@lru_cache(maxsize=16384)
-def _ascii_text(vr: str, raw: bytes) -> str | tuple[str, ...]:
-    """_split_text of an ASCII value, remembered: the instances of a series repeat most of their values
-    (patient, study, series, equipment), and this runs for every text element of every received instance."""
-    value = _split_text(vr, raw.rstrip(b"\0 ").decode("ascii") if vr == "PN" else raw.decode("ascii"))
-    return tuple(value) if isinstance(value, list) else value
+def _binary_value(vr: str, raw: bytes) -> str | list[str] | None:
+    """The routing-header value of a number or AT element as str(pydicom's value) reads, or None when it has
+    none (other binary VRs, a length that does not fit the VR)."""
+    if vr in _NUMBER_FORMATS:
+        fmt = _NUMBER_FORMATS[vr]
+        size = struct.calcsize(f"<{fmt}")
+        if len(raw) % size:
+            return None
+        numbers = [str(n) for n in struct.unpack(f"<{len(raw) // size}{fmt}", raw)]
+        return numbers[0] if len(numbers) == 1 else numbers
+    if vr == "AT":
+        if len(raw) % 4:
+            return None
+        pairs = struct.unpack(f"<{len(raw) // 2}H", raw)
+        tags = [f"({pairs[i]:04X},{pairs[i + 1]:04X})" for i in range(0, len(pairs), 2)]
+        return tags[0] if len(tags) == 1 else tags
+    return None
 
 
 class _Values:
@@ -279,9 +293,7 @@ class _Values:
             return None
 
     def text(self, vr: str, raw: bytes) -> str | list[str]:
-        if raw.isascii() and b"\x1b" not in raw:
-            value = _ascii_text(vr, raw)
-            return list(value) if isinstance(value, tuple) else value
+        """A text value in a non-ASCII character set (or with escape sequences)."""
         if vr == "PN":
             raw = raw.rstrip(b"\0 ")
         if vr in _CHARSET_VRS:
@@ -290,42 +302,20 @@ class _Values:
             text = raw.decode("latin-1")  # pydicom's default encoding for the other text VRs
         return _split_text(vr, text)
 
-    def value(self, tag: int, vr: str) -> str | list[str] | None:
-        """The routing-header value of an element, or None when it has none (binary, malformed)."""
-        raw = self.raw(tag)
-        if raw is None:
-            return None
-        if not raw:
-            return ""
-        if vr in _TEXT_VRS:
-            return self.text(vr, raw)
-        if vr in _NUMBER_FORMATS:
-            fmt = _NUMBER_FORMATS[vr]
-            size = struct.calcsize(f"<{fmt}")
-            if len(raw) % size:
-                return None
-            numbers = [str(n) for n in struct.unpack(f"<{len(raw) // size}{fmt}", raw)]
-            return numbers[0] if len(numbers) == 1 else numbers
-        if vr == "AT":
-            if len(raw) % 4:
-                return None
-            pairs = struct.unpack(f"<{len(raw) // 2}H", raw)
-            tags = [f"({pairs[i]:04X},{pairs[i + 1]:04X})" for i in range(0, len(pairs), 2)]
-            return tags[0] if len(tags) == 1 else tags
-        return None
-
     def routing_header(self) -> dict[str, Any]:
         header: dict[str, Any] = {}
         buf, positions, vrs = self.buf, self.elements.pos, self.elements.vr
+        known_values = _header_values
         for tag, length in self.elements.length.items():
-            known = _routing_tag(tag)
+            known = _routing_tags.get(tag, _UNSEEN)
+            if known is _UNSEEN:
+                known = _routing_tags[tag] = _routing_tag(tag)
             if known is None or length is None:
                 continue
             keyword, vr = known
-            pos = positions[tag]
             raw_vr = vrs.get(tag)
             if raw_vr is not None and raw_vr != b"UN":
-                vr = raw_vr.decode("ascii")  # the VR the sender wrote wins, as in pydicom
+                vr = _VR_NAMES[raw_vr]  # the VR the sender wrote wins, as in pydicom
             elif " or " in vr:  # implicit VR, or UN that pydicom replaces by the dictionary's VR
                 vr = self.ambiguous_vr(vr)
                 if vr is None:
@@ -335,15 +325,37 @@ class _Values:
             if not length:
                 header[keyword] = ""
                 continue
+            pos = positions[tag]
             raw = bytes(buf[pos:pos + length])
-            if vr in _TEXT_VRS:
-                value: Any = self.text(vr, raw)
-            else:
-                value = self.value(tag, vr)
-                if value is None:
-                    continue
-            header[keyword] = value
+            key = (tag, vr, raw)
+            value: Any = known_values.get(key)
+            if value is None:
+                if vr in _TEXT_VRS:
+                    if not raw.isascii() or b"\x1b" in raw:  # read with the character set: not remembered
+                        header[keyword] = self.text(vr, raw)
+                        continue
+                    value = _split_text(vr, raw.rstrip(b"\0 ").decode("ascii") if vr == "PN" else raw.decode("ascii"))
+                else:
+                    value = _binary_value(vr, raw)
+                    if value is None:
+                        continue
+                if isinstance(value, list):
+                    value = tuple(value)
+                if len(known_values) >= _HEADER_VALUES_LIMIT:
+                    known_values.clear()
+                known_values[key] = value
+            header[keyword] = list(value) if type(value) is tuple else value
         return header
+
+
+# The routing-header value of (tag, VR, value bytes), for values that need nothing else to be read (ASCII
+# text, numbers): the instances of a series repeat most of their values (patient, study, series,
+# equipment), and this runs for every top-level element of every received instance.
+_header_values: dict[tuple[int, str, bytes], Any] = {}
+_HEADER_VALUES_LIMIT = 16384
+_routing_tags: dict[int, tuple[str, str] | None] = {}  # _routing_tag, remembered without lru_cache's call
+_UNSEEN = object()
+_VR_NAMES = {vr: vr.decode("ascii") for vr in _VRS}
 
 
 def _expected_pixel_bytes(values: _Values) -> int:

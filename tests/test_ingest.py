@@ -339,6 +339,26 @@ def test_segment_scan_stops_at_a_torn_corrupt_or_stale_record(tmp_path):
     assert b"".join(entry.parts) == b"".join(bytes(p) for p in records[1].parts)
 
 
+def test_records_of_an_earlier_version_with_zlib_crc32_are_still_replayed(tmp_path):
+    """A node upgraded with instances still in its journal: their DAJ1 records (CRC-32, not CRC-32C) read,
+    and a corrupt one is still caught."""
+    import zlib
+
+    spool_dir = tmp_path / "spool"
+    (instance, parts), = [_received(ds, spool_dir) for ds in _ct_series(1)]
+    record = ingest_journal._Record.encode(instance, parts, False)  # noqa: SLF001
+    crc = zlib.crc32(b"".join(bytes(p) for p in parts), zlib.crc32(record.meta))
+    header = ingest_journal.RECORD_HEADER.pack(b"DAJ1", 5, len(record.meta), record.length, crc)
+    data = header + record.meta + b"".join(bytes(p) for p in parts)
+    assert crc != record.crc  # the two checksums differ: the scan really reads each record with its own
+    segment = tmp_path / "old.wal"
+    segment.write_bytes(data)
+    [entry] = read_segment(segment)
+    assert entry.seq == 5 and entry.instance == instance and b"".join(entry.parts) == b"".join(bytes(p) for p in parts)
+    segment.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert read_segment(segment) == []
+
+
 def test_segments_are_reused_after_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 0.0)
     store, spool_dir, journal = _running_journal(tmp_path, segment_bytes=100_000)  # ~2 CT_small each

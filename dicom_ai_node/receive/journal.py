@@ -9,7 +9,7 @@ spool's file system (syncfs) and commits the highest placed sequence number in t
 after which the segments behind it are reused. After a crash or power cut, `recover` replays every record
 after the checkpoint, so an acknowledged instance is never lost.
 
-Records: header (magic, sequence number, metadata length, data length, CRC-32 of metadata and data), JSON
+Records: header (magic, sequence number, metadata length, data length, CRC-32C of metadata and data), JSON
 metadata (the ReceivedInstance, and whether the file is already in place), the file's bytes. A record is
 valid when its magic and CRC are right and its sequence number follows the previous record of its segment;
 a torn write at the end of a segment fails the CRC, and the stale records of a reused segment fail the
@@ -37,15 +37,20 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import crc32c
 
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.spool import fsync_dir, write_durably
 
 log = logging.getLogger("dicom_ai_node.receive")
 
-MAGIC = b"DAJ1"
-RECORD_HEADER = struct.Struct("<4sQIQI")  # magic, seq, metadata length, data length, crc32
+MAGIC = b"DAJ2"  # records checksummed with CRC-32C (hardware-accelerated: ~5x zlib's CRC-32 on 0.5 MB here)
+# What each magic's checksum is: DAJ1 records (zlib's CRC-32) were written by earlier versions, and a journal
+# they left unplaced is still replayed.
+CHECKSUMS: dict[bytes, Callable[[Any, int], int]] = {b"DAJ1": zlib.crc32, MAGIC: crc32c.crc32c}
+RECORD_HEADER = struct.Struct("<4sQIQI")  # magic, seq, metadata length, data length, checksum
 SEGMENT_BYTES = 64 * 1024 * 1024  # a segment prepared in the background
 FIRST_SEGMENT_BYTES = 4 * 1024 * 1024  # one made on the spot (first start, or no spare ready): quick to fill
 SPARE_SEGMENTS = 4  # segments kept for reuse beyond the one being written; more are deleted
@@ -131,10 +136,11 @@ class _Record:
     def encode(cls, instance: ReceivedInstance, parts: Sequence[Any], in_place: bool) -> "_Record":
         fields = {name: getattr(instance, name) for name in _INSTANCE_FIELDS}  # asdict would deep-copy
         meta = json.dumps({"instance": fields, "in_place": in_place}, separators=(",", ":")).encode()
-        crc = zlib.crc32(meta)
+        checksum = CHECKSUMS[MAGIC]
+        crc = checksum(meta, 0)
         length = 0
         for part in parts:
-            crc = zlib.crc32(part, crc)
+            crc = checksum(part, crc)
             length += len(part)
         return cls(meta, parts, length, crc)
 
@@ -159,10 +165,11 @@ def read_segment(path: Path) -> list[JournalEntry]:
                 magic, seq, meta_len, data_len, crc = RECORD_HEADER.unpack_from(view, pos)
                 start = pos + RECORD_HEADER.size
                 end = start + meta_len + data_len
-                if magic != MAGIC or end > size or (previous is not None and seq != previous + 1):
+                checksum = CHECKSUMS.get(magic)
+                if checksum is None or end > size or (previous is not None and seq != previous + 1):
                     break
                 meta, data = view[start:start + meta_len], view[start + meta_len:end]
-                if zlib.crc32(data, zlib.crc32(meta)) != crc:
+                if checksum(data, checksum(meta, 0)) != crc:
                     break
                 try:
                     decoded = json.loads(meta)

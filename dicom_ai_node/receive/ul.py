@@ -497,7 +497,7 @@ class _Connection:
             self._drop()
 
     def _read(self) -> None:
-        buffer = self.acceptor._read_buffer  # noqa: SLF001 - one per loop: the bytes are copied out at once
+        buffer = self.acceptor._read_buffer  # noqa: SLF001 - one per loop: what is kept is copied out at once
         try:
             count = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
@@ -509,8 +509,13 @@ class _Connection:
             return
         self.last_activity = time.monotonic()
         with memoryview(buffer) as view:
-            self.inbuf += view[:count]
-        self._process()
+            if self.inbuf:
+                self.inbuf += view[:count]
+                self._process_buffered()
+            else:  # parsed where it was read; only what is left over is kept (a dataset is copied once)
+                used = self._process(buffer, count)
+                if used < count and not self.closed and not self.handed_off:
+                    self.inbuf += view[used:count]
 
     def _send(self, data: bytes) -> None:
         if not self.outbuf:
@@ -537,10 +542,14 @@ class _Connection:
 
     # -- parsing -------------------------------------------------------------------------------------------
 
-    def _process(self) -> None:
-        """Parse what is buffered, up to an instance that waits for its answer or the end of the bytes."""
+    def _process_buffered(self) -> None:
+        del self.inbuf[:self._process(self.inbuf, len(self.inbuf))]
+
+    def _process(self, buf: bytearray, end: int) -> int:
+        """Parse buf[:end], up to an instance that waits for its answer or the end of the bytes; returns how
+        many bytes were used (all of them when the association is aborted)."""
         try:
-            self._parse()
+            return self._parse(buf, end)
         except ProtocolError as exc:
             log.warning("association from %s %s aborted: %s", self.assoc.calling_ae or "?", self.assoc.address, exc)
             self._abort(ABORT_SERVICE_PROVIDER, exc.reason)
@@ -549,75 +558,73 @@ class _Connection:
         except Exception:  # noqa: BLE001 - a bug must cost one association, never the loop
             log.exception("association from %s failed", self.assoc.calling_ae or self.assoc.address)
             self._abort()
+        return end
 
-    def _parse(self) -> None:
-        buf = self.inbuf
+    def _parse(self, buf: bytearray, end: int) -> int:
         pos = 0
-        try:
-            while not self.awaiting and not self.handed_off and not self.closed:
-                available = len(buf) - pos
-                if self.pdv_left:  # inside a PDV's value
-                    take = min(available, self.pdv_left)
-                    if not take:
-                        return
-                    with memoryview(buf) as view, view[pos:pos + take] as piece:
-                        if self.pdv_control & 0x01:
-                            self.command += piece
-                        elif self.sink is not None:
-                            self.sink.write(piece)
-                    pos += take
-                    self.pdv_left -= take
-                    if not self.pdv_left:
-                        self._pdv_complete()
-                    continue
-                if self.pdu_left:  # inside a P-DATA-TF: the next PDV
-                    if self.pdu_left < 6:
-                        raise ProtocolError("P-DATA-TF with a truncated PDV item")
-                    if available < 6:
-                        return
-                    item_length, context_id, control = _pdv_header.unpack_from(buf, pos)
-                    if item_length < 2 or item_length + 4 > self.pdu_left:
-                        raise ProtocolError("PDV item longer than its PDU")
-                    pos += 6
-                    self.pdu_left -= item_length + 4
-                    self._pdv_begins(context_id, control, item_length - 2)
-                    if not self.pdv_left:
-                        self._pdv_complete()
-                    continue
+        while not self.awaiting and not self.handed_off and not self.closed:
+            available = end - pos
+            if self.pdv_left:  # inside a PDV's value
+                take = min(available, self.pdv_left)
+                if not take:
+                    return pos
+                with memoryview(buf) as view, view[pos:pos + take] as piece:
+                    if self.pdv_control & 0x01:
+                        self.command += piece
+                    elif self.sink is not None:
+                        self.sink.write(piece)
+                pos += take
+                self.pdv_left -= take
+                if not self.pdv_left:
+                    self._pdv_complete()
+                continue
+            if self.pdu_left:  # inside a P-DATA-TF: the next PDV
+                if self.pdu_left < 6:
+                    raise ProtocolError("P-DATA-TF with a truncated PDV item")
                 if available < 6:
-                    return
-                pdu_type, length = _pdu_header.unpack_from(buf, pos)
-                if not self.opened:
-                    if pdu_type != A_ASSOCIATE_RQ_TYPE or length > _ASSOCIATE_RQ_LIMIT:
-                        raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}",
-                                            ABORT_UNEXPECTED_PDU)
-                    if available < 6 + length:
-                        return
-                    pdu = bytes(buf[pos:pos + 6 + length])
-                    pos += 6 + length
-                    if self._negotiate(pdu):
-                        self.opened = True
-                        self.acceptor.service.opened(self.assoc)
-                    continue
-                if pdu_type == P_DATA_TF_TYPE:
-                    pos += 6
-                    self.pdu_left = length
-                elif pdu_type == A_RELEASE_RQ_TYPE:
-                    if length > 64:
-                        raise ProtocolError("A-RELEASE-RQ of more than 64 bytes")
-                    if available < 6 + length:
-                        return
-                    pos += 6 + length
-                    if self.sink is not None or self.pending is not None:
-                        raise ProtocolError("A-RELEASE-RQ in the middle of a C-STORE")
-                    self._hand_off(self._release)
-                elif pdu_type == A_ABORT_TYPE:
-                    log.info("association from %s aborted by the peer", self.assoc.calling_ae)
-                    self._drop()
-                else:
-                    raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
-        finally:
-            del buf[:pos]
+                    return pos
+                item_length, context_id, control = _pdv_header.unpack_from(buf, pos)
+                if item_length < 2 or item_length + 4 > self.pdu_left:
+                    raise ProtocolError("PDV item longer than its PDU")
+                pos += 6
+                self.pdu_left -= item_length + 4
+                self._pdv_begins(context_id, control, item_length - 2)
+                if not self.pdv_left:
+                    self._pdv_complete()
+                continue
+            if available < 6:
+                return pos
+            pdu_type, length = _pdu_header.unpack_from(buf, pos)
+            if not self.opened:
+                if pdu_type != A_ASSOCIATE_RQ_TYPE or length > _ASSOCIATE_RQ_LIMIT:
+                    raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}",
+                                        ABORT_UNEXPECTED_PDU)
+                if available < 6 + length:
+                    return pos
+                pdu = bytes(buf[pos:pos + 6 + length])
+                pos += 6 + length
+                if self._negotiate(pdu):
+                    self.opened = True
+                    self.acceptor.service.opened(self.assoc)
+                continue
+            if pdu_type == P_DATA_TF_TYPE:
+                pos += 6
+                self.pdu_left = length
+            elif pdu_type == A_RELEASE_RQ_TYPE:
+                if length > 64:
+                    raise ProtocolError("A-RELEASE-RQ of more than 64 bytes")
+                if available < 6 + length:
+                    return pos
+                pos += 6 + length
+                if self.sink is not None or self.pending is not None:
+                    raise ProtocolError("A-RELEASE-RQ in the middle of a C-STORE")
+                self._hand_off(self._release)
+            elif pdu_type == A_ABORT_TYPE:
+                log.info("association from %s aborted by the peer", self.assoc.calling_ae)
+                self._drop()
+            else:
+                raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
+        return pos
 
     def _release(self) -> None:
         """In the connection's own thread: record the release once its instances are, then answer it."""
@@ -656,7 +663,7 @@ class _Connection:
         self.pending, self.sink, self.awaiting = None, None, False
         try:
             self._respond(context, encode_response(C_STORE_RSP, message_id, sop_class, status, sop_instance))
-            self._process()  # what the sender sent since (it may not wait for the answer)
+            self._process_buffered()  # what the sender sent since (it may not wait for the answer)
         except OSError as exc:
             if not self.closed:
                 log.info("association from %s: %s", self.assoc.calling_ae or self.assoc.address, exc)
