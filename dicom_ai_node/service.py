@@ -26,6 +26,7 @@ from dicom_ai_node.assemble import (
     StudyRule,
     StudyTimedOut,
     StudyWaiting,
+    COUNT_HINT_KEYS,
     count_hint_projection,
     decode_ahead_at,
     expected_instance_count,
@@ -236,9 +237,9 @@ class CountHintHeaders:
         revision, last, seen = self._known.get(series.series_uid, (series.revision, 0, set()))
         if revision != series.revision:  # re-opened by a late instance: start again
             revision, last, seen = series.revision, 0, set()
-        for rowid, header in self.store.instance_headers_since(series.series_uid, last):
-            seen.add(count_hint_projection(header))
-            last = rowid
+        last, found = self.store.count_hints_since(series.series_uid, last, COUNT_HINT_KEYS)
+        for values in found:
+            seen.add(count_hint_projection({k: v for k, v in zip(COUNT_HINT_KEYS, values) if v is not None}))
         self._known[series.series_uid] = (revision, last, seen)
         return [json.loads(p) for p in sorted(seen)]
 

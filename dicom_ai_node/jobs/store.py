@@ -21,8 +21,9 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -224,6 +225,11 @@ class ReceivedInstance:
     expected_instances: int | None = None
     received: float = field(default_factory=time.time)
 
+    @cached_property
+    def header_json(self) -> str:
+        """The header as JSON, made once: the journal's record and the store's row both carry it."""
+        return json.dumps(self.header, separators=(",", ":"))
+
 
 def _series(row: sqlite3.Row) -> SeriesRow:
     return SeriesRow(
@@ -389,7 +395,7 @@ class JobStore:
     @staticmethod
     def _record(db: sqlite3.Connection, instance: ReceivedInstance) -> bool:
         i, now = instance, instance.received
-        header = json.dumps(i.header)
+        header = i.header_json
         row = db.execute("SELECT state FROM series WHERE series_uid=?", (i.series_uid,)).fetchone()
         if row is None:
             db.execute(
@@ -452,14 +458,19 @@ class JobStore:
         )
         return [InstanceRow(r["sop_uid"], r["sop_class_uid"], r["path"], json.loads(r["header"])) for r in rows]
 
-    def instance_headers_since(self, series_uid: str, after_rowid: int) -> list[tuple[int, dict[str, Any]]]:
-        """(rowid, header) of the series' instances recorded after `after_rowid`, oldest first: lets a poller
-        read only what is new (an instance sent again keeps its row, so its new header is not seen)."""
+    def count_hints_since(self, series_uid: str, after_rowid: int, keys: Sequence[str]) -> tuple[int, list[list[Any]]]:
+        """The highest rowid of the series' instances recorded after `after_rowid` (or `after_rowid`), and the
+        distinct lists of their header values of `keys` (None where a header lacks one): lets a poller read
+        only what is new, and SQLite picks the values out of each header rather than Python decoding it
+        whole (an instance sent again keeps its row, so its new header is not seen)."""
+        paths = ", ".join("?" for _ in keys)
         rows = self._db().execute(
-            "SELECT rowid, header FROM instances WHERE series_uid=? AND rowid>? ORDER BY rowid",
-            (series_uid, after_rowid),
-        )
-        return [(int(r["rowid"]), json.loads(r["header"])) for r in rows]
+            f"SELECT MAX(rowid) AS last, json_extract(header, {paths}) AS hints FROM instances"
+            " WHERE series_uid=? AND rowid>? GROUP BY hints",
+            (*[f'$."{key}"' for key in keys], series_uid, after_rowid),
+        ).fetchall()
+        last = max((int(r["last"]) for r in rows), default=after_rowid)
+        return last, [json.loads(r["hints"]) if len(keys) > 1 else [r["hints"]] for r in rows]
 
     def instance_paths(self, series_uid: str) -> list[str]:
         return [i.path for i in self.instances(series_uid)]

@@ -120,7 +120,7 @@ def sync_filesystem(folder: Path) -> None:
         os.close(fd)
 
 
-_INSTANCE_FIELDS = tuple(f.name for f in dataclasses.fields(ReceivedInstance))
+_INSTANCE_FIELDS = tuple(f.name for f in dataclasses.fields(ReceivedInstance) if f.name != "header")
 
 
 @dataclass
@@ -134,8 +134,11 @@ class _Record:
 
     @classmethod
     def encode(cls, instance: ReceivedInstance, parts: Sequence[Any], in_place: bool) -> "_Record":
-        fields = {name: getattr(instance, name) for name in _INSTANCE_FIELDS}  # asdict would deep-copy
-        meta = json.dumps({"instance": fields, "in_place": in_place}, separators=(",", ":")).encode()
+        # {"instance": {...its fields..., "header": ...}, "in_place": ...}, with the header's JSON made once
+        # for the journal and the store (asdict would also deep-copy it)
+        fields = json.dumps({name: getattr(instance, name) for name in _INSTANCE_FIELDS}, separators=(",", ":"))
+        meta = (f'{{"instance":{fields[:-1]},"header":{instance.header_json}}},'
+                f'"in_place":{"true" if in_place else "false"}}}').encode()
         checksum = CHECKSUMS[MAGIC]
         crc = checksum(meta, 0)
         length = 0
