@@ -18,7 +18,7 @@ from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.phantom import make_chest_phantom
 from dicom_ai_node.phantom_xray import make_chest_radiograph
-from dicom_ai_node.net import NODELAY_HANDLERS
+from dicom_ai_node.net import NODELAY_HANDLERS, keep_responses_for_the_requestor
 
 DEMO_AE = "DEMO_PACS"
 
@@ -31,6 +31,7 @@ def push_datasets(datasets, host: str, port: int, called_ae: str, calling_ae: st
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NODELAY_HANDLERS)
     if not assoc.is_established:
         raise ConnectionError(f"could not associate with {called_ae} at {host}:{port} (is `dicom-ai-node serve` running?)")
+    keep_responses_for_the_requestor(assoc)
     stored = 0
     try:
         for ds in datasets:

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, Dispatch, NodeConfig
 from dicom_ai_node.jobs.store import JobStore, SendRow
-from dicom_ai_node.net import NODELAY_HANDLERS
+from dicom_ai_node.net import NODELAY_HANDLERS, keep_responses_for_the_requestor
 from dicom_ai_node.spool import write_durably
 
 log = logging.getLogger("dicom_ai_node.dispatch")
@@ -164,6 +164,7 @@ class Dispatcher:
             self._association_result(destination, error)
             return [SendOutcome(s.id, False, error) for s in sends]
         self._association_result(destination, "")
+        keep_responses_for_the_requestor(assoc)
         outcomes = []
         try:
             for send in sends:
