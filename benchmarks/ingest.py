@@ -8,19 +8,24 @@ and 4 concurrent associations (storescu processes), it prints images/s and MB/s 
   the node's promise (an acknowledged instance is on disk);
 - node: `dicom-ai-node serve` with no rules, so only receiving is measured (receive_processes: 1, the
   default), and the same with `receive_processes: 2`;
-and each one's ratio to storescp. Each figure is the median of --repeat runs, the servers taking turns.
+and each one's ratio to storescp; with --node-tree DIR, also the node of another checkout (e.g. a worktree
+of an earlier commit, `git worktree add /tmp/before HEAD~3`), so that a change is measured against what it
+changed in the same run. Each figure is the median of --repeat runs, the servers taking turns.
 Each server first receives an untimed warm-up set (as many instances of the same kind, other UIDs): the
 node is measured as it runs in a hospital, with its ingest journal's segments allocated, not as on its
 first start on an empty disk (--cold: no warm-up). The node's peak RSS (with its child processes) is
-reported per row, and with --big-gb the node receives one study of that size (512x512 slices, 4
-associations) while its RSS is sampled: idle, peak, peak above idle.
+reported per row with the CPU time its processes spent per instance received (user + system, median), and
+with --big-gb the node receives one study of that size (512x512 slices, 4 associations) while its RSS is
+sampled: idle, peak, peak above idle.
 
     .venv/bin/python benchmarks/ingest.py [--small 1000] [--large 300] [--repeat 3] [--big-gb 2] [--cold]
+                                          [--node-tree DIR]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import socket
 import statistics
@@ -153,6 +158,18 @@ def rss_mb(pid: int, field: str = "VmRSS:") -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants (the receive processes)."""
+    total = 0
+    for process in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(pid: int) -> list[int]:
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -181,15 +198,16 @@ class Storescp:
 
 
 class Node:
-    def __init__(self, work: Path, receive_processes: int = 1) -> None:
+    def __init__(self, work: Path, receive_processes: int = 1, tree: Path = REPO) -> None:
         self.data = work / "node"
         shutil.rmtree(self.data, ignore_errors=True)
         self.port = free_ports(1)[0]
         config = work / "node.yaml"
         config.write_text(f"node: {{port: {self.port}, bind_address: 127.0.0.1, data_dir: {self.data}, "
                           f"min_free_disk_mb: 1, ae_title: NODE, receive_processes: {receive_processes}}}\nrules: []\n")
+        # `python -m` imports the package from its working directory first: the node of `tree`
         self.process = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config)],
-                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
         time.sleep(1.0)  # let start-up settle before the idle RSS is read
         self.idle_rss = rss_mb(self.process.pid)
@@ -204,19 +222,23 @@ class Node:
 
 
 SERVERS = ("storescp", "storescp+fsync", "node", "node, 2 receive processes")
+OTHER_TREE = "node @ --node-tree"
 
 
 def measure(work: Path, files: list[Path], warm_up: list[Path], parallel: int, repeat: int,
-            shim: Path | None) -> dict[str, tuple[float, float]]:
-    """Median seconds and peak RSS (MB, the node's only) of each server."""
-    seconds: dict[str, list[float]] = {name: [] for name in SERVERS}
-    peak: dict[str, float] = {name: float("nan") for name in SERVERS}
+            shim: Path | None, other_tree: Path | None = None) -> dict[str, tuple[float, float, float]]:
+    """Median seconds, peak RSS (MB) and median CPU ms per instance (the nodes' only) of each server."""
+    servers = SERVERS + ((OTHER_TREE,) if other_tree is not None else ())
+    seconds: dict[str, list[float]] = {name: [] for name in servers}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in servers}
+    peak: dict[str, float] = {name: float("nan") for name in servers}
     for _ in range(repeat):
-        for name in SERVERS:
+        for name in servers:
             if name == "storescp+fsync" and shim is None:
                 continue
             if name.startswith("node"):
-                server: Node | Storescp = Node(work, 2 if "2 receive" in name else 1)
+                tree = other_tree if name == OTHER_TREE and other_tree is not None else REPO
+                server: Node | Storescp = Node(work, 2 if "2 receive" in name else 1, tree)
                 ae_title = "NODE"
             else:
                 server, ae_title = Storescp(work, shim if name == "storescp+fsync" else None), "REF"
@@ -224,12 +246,15 @@ def measure(work: Path, files: list[Path], warm_up: list[Path], parallel: int, r
                 if warm_up:
                     send(server.port, ae_title, warm_up, parallel)
                     time.sleep(2.0)  # the node's journal checkpoints when the sender pauses
+                before = cpu_seconds(server.process.pid) if isinstance(server, Node) else 0.0
                 seconds[name].append(send(server.port, ae_title, files, parallel))
                 if isinstance(server, Node):
+                    cpu_ms[name].append(1000 * (cpu_seconds(server.process.pid) - before) / len(files))
                     peak[name] = server.peak_rss() if math.isnan(peak[name]) else max(peak[name], server.peak_rss())
             finally:
                 server.stop()
-    return {name: (statistics.median(s), peak[name]) for name, s in seconds.items() if s}
+    return {name: (statistics.median(s), peak[name], statistics.median(cpu_ms[name]) if cpu_ms[name] else float("nan"))
+            for name, s in seconds.items() if s}
 
 
 def big_study(work: Path, gigabytes: float, parallel: int = 4) -> tuple[int, float, float, float, float, float]:
@@ -267,6 +292,8 @@ def main() -> int:
                         "(512x512 slices, 4 associations) and report the node's RSS; 0: skip")
     parser.add_argument("--cold", action="store_true", help="no warm-up set: each server starts on an empty disk")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--node-tree", type=Path, default=None,
+                        help="also measure the node of this checkout (an earlier commit's worktree)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.work))
     try:
@@ -279,15 +306,19 @@ def main() -> int:
         for label, (files, warm_up) in datasets.items():
             megabytes = sum(p.stat().st_size for p in files) / 1e6
             for parallel in (1, 4):
-                result = measure(work, files, warm_up, parallel, args.repeat, shim)
+                result = measure(work, files, warm_up, parallel, args.repeat, shim, args.node_tree)
                 rows.append((label, parallel, len(files), megabytes, result))
-        print(f"{'data':<11} {'assoc':>5}  {'server':<27} {'img/s':>7} {'MB/s':>7} {'ratio':>6} {'peak RSS MB':>11}")
+        print(f"{'data':<11} {'assoc':>5}  {'server':<27} {'img/s':>7} {'MB/s':>7} {'ratio':>6} {'peak RSS MB':>11} "
+              f"{'CPU ms/img':>10}")
         for label, parallel, n, megabytes, result in rows:
             reference = result["storescp"][0]
-            for name, (seconds, peak) in result.items():
+            for name, (seconds, peak, cpu) in result.items():
                 rss = f"{'':>11}" if math.isnan(peak) else f"{peak:11.0f}"
+                cpu_text = f"{'':>10}" if math.isnan(cpu) else f"{cpu:10.2f}"
                 print(f"{label:<11} {parallel:>5}  {name:<27} {n / seconds:7.1f} {megabytes / seconds:7.1f} "
-                      f"{reference / seconds:6.2f} {rss}")
+                      f"{reference / seconds:6.2f} {rss} {cpu_text}")
+        if args.node_tree is not None:
+            print(f"({OTHER_TREE}: {args.node_tree})")
         if shim is None:
             print("(no C compiler: storescp+fsync not measured)")
         if args.big_gb > 0:
