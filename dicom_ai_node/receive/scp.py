@@ -27,7 +27,9 @@ from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.receive.journal import IngestJournal, recover_other_journals
-from dicom_ai_node.receive.ul import REJECT_CALLING_AE, Acceptor, Association, StoreRequest
+from dicom_ai_node.receive.ul import (
+    REJECT_CALLING_AE, STATUS_PROCESSING_FAILURE, Acceptor, Association, StoreRequest,
+)
 from dicom_ai_node.spool import IncomingInstance, InvalidInstance
 
 log = logging.getLogger("dicom_ai_node.receive")
@@ -35,7 +37,6 @@ log = logging.getLogger("dicom_ai_node.receive")
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_PROCESSING_FAILURE = 0x0110
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
