@@ -31,7 +31,8 @@ def keep_responses_for_the_requestor(assoc: Any) -> None:
     serve = assoc._serve_request  # noqa: SLF001 - pynetdicom is pinned to 3.0.x (pyproject.toml)
 
     def serve_or_give_back(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and msg.is_valid_response and not assoc._reactor_checkpoint.is_set():  # noqa: SLF001
+        waiting = not assoc._reactor_checkpoint.is_set()  # noqa: SLF001 - a send_*() has paused the reactor
+        if waiting and not msg.is_valid_request and msg.is_valid_response:
             assoc.dimse.msg_queue.put((context_id, msg))
             return
         serve(msg, context_id)

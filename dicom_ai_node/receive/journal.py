@@ -289,7 +289,8 @@ class IngestJournal:
         """Journal several instances (row, file bytes, in place) with one flush; per instance, its sequence
         number once it is on disk or the error that kept it from being made durable. Raises OSError when the
         journal takes none of them (closed, or its backlog stayed full)."""
-        records = [_Record.encode(instance, parts, in_place) for instance, parts, in_place in items]  # outside the lock: the CRC reads every byte
+        # Encoded outside the lock: the checksum reads every byte.
+        records = [_Record.encode(instance, parts, in_place) for instance, parts, in_place in items]
         with self._cond:
             deadline = time.monotonic() + BACKLOG_WAIT_S
             while self._queued_bytes > BACKLOG_BYTES and not self._closed:

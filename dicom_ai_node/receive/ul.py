@@ -527,7 +527,8 @@ class _Connection:
                 return
             data = data[sent:]
             if not self.handed_off:
-                self.acceptor._selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)  # noqa: SLF001
+                both = selectors.EVENT_READ | selectors.EVENT_WRITE
+                self.acceptor._selector.modify(self.sock, both, self)  # noqa: SLF001
         self.outbuf += data
 
     def _flush(self) -> None:
