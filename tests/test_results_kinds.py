@@ -11,6 +11,7 @@ import copy
 import warnings
 from dataclasses import dataclass, replace
 from functools import cache
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -41,7 +42,7 @@ from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.sr import build_sr
 from dicom_ai_node.results.uids import derive_result_uid
 from dicom_ai_node.results.validate import check_result, content_items, dciodvfy_errors, gate, result_kind
-from dicom_ai_node.results.writer import RESULT_KINDS, save, write_results
+from dicom_ai_node.results.writer import RESULT_KINDS, encode, save, write_results
 
 LUNG = Concept("39607008", "SCT", "Lung")
 THORAX = Concept("51185008", "SCT", "Thorax")
@@ -727,6 +728,28 @@ def test_rebuild_gives_identical_uids(build, source: str) -> None:
     b = build(source)
     again = write_results(b.volume, b.result, b.manifest, b.ctx, ALL_KINDS, "binary")
     assert uids(again) == uids(list(b.objects.values()))
+
+
+def pydicom_file_bytes(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("seg_type", SEG_TYPES)
+def test_objects_encode_as_pydicom_encodes_them(build, source: str, seg_type: str) -> None:
+    """The node's encoder (results/encoding.py) gives pydicom's bytes for every kind; the saved file too."""
+    b = build(source, seg_type)
+    for kind, ds in b.objects.items():
+        assert encode(copy.deepcopy(ds)) == pydicom_file_bytes(copy.deepcopy(ds)), kind
+        assert b.paths[kind].read_bytes() == pydicom_file_bytes(copy.deepcopy(ds)), kind
+
+
+@pytest.mark.parametrize(("seg_type", "sr_profile"), [("binary", "viewer"), ("fractional", "full")])
+def test_multiframe_objects_encode_as_pydicom_encodes_them(enhanced, seg_type: str, sr_profile: str) -> None:
+    for kind, ds in enhanced(seg_type, sr_profile).objects.items():
+        assert encode(copy.deepcopy(ds)) == pydicom_file_bytes(copy.deepcopy(ds)), kind
 
 
 def test_all_uids_of_one_build_differ(build) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -12,6 +11,7 @@ from pydicom.uid import UID
 
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.pipeline import Manifest, PipelineResult
+from dicom_ai_node.results.encoding import dicom_file_bytes
 from dicom_ai_node.results.gsps import build_gsps
 from dicom_ai_node.results.heatmap_sc import build_heatmap_scs
 from dicom_ai_node.results.pmap import build_parametric_maps, has_frame_of_reference
@@ -111,10 +111,9 @@ def file_name(ds: Dataset) -> str:
 
 
 def encode(ds: Dataset) -> bytes:
-    """`ds` as the bytes of its DICOM file (preamble, file meta, data set), exactly as `save` writes it."""
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    """`ds` as the bytes of its DICOM file (preamble, file meta, data set), exactly as `save` writes it and as
+    pydicom's `save_as` would (encoding.py, ~5x faster)."""
+    return dicom_file_bytes(ds)
 
 
 def save(ds: Dataset, folder: Path, encoded: bytes | None = None) -> Path:
@@ -129,10 +128,7 @@ def save(ds: Dataset, folder: Path, encoded: bytes | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fp:
-            if encoded is None:
-                ds.save_as(fp, enforce_file_format=True)
-            else:
-                fp.write(encoded)
+            fp.write(encode(ds) if encoded is None else encoded)
             fp.flush()
             os.fsync(fp.fileno())
         os.replace(tmp, target)
