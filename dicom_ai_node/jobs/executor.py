@@ -34,6 +34,7 @@ from dicom_ai_node.jobs.prefetch import PrefetchedVolumes
 from dicom_ai_node.jobs.readback import ReadBackProcess, die_with_parent
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.iod_lookup import memoize_iod_lookups
+from dicom_ai_node.runtime.allocator import keep_freed_memory
 from dicom_ai_node.results.kinds import result_kind_of
 from dicom_ai_node.results.no_result import NOT_A_VOLUME, OUTSIDE_RANGE, build_no_result_sr, read_headers
 from dicom_ai_node.results.provenance import ResultContext
@@ -259,6 +260,7 @@ def _init_worker(
     global _RUNNER, _PREFETCH_GENERATION
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    keep_freed_memory()  # before any pipeline allocates (runtime/allocator.py)
     with slot_counter.get_lock():
         slot = slot_counter.value
         slot_counter.value += 1
