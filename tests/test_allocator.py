@@ -40,3 +40,28 @@ def test_kept_memory_is_not_faulted_in_again() -> None:
     # 5 jobs on glibc 2.36); kept, almost nothing is faulted in.
     assert default > 5_000
     assert tuned < default / 10
+
+
+FREEZE_PROBE = """
+import gc
+from dicom_ai_node.runtime.allocator import freeze_long_lived_objects
+
+class Node:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the collector frees it
+
+kept = [Node() for _ in range(50_000)]
+freeze_long_lived_objects()
+frozen = gc.get_freeze_count()
+garbage = [Node() for _ in range(1000)]
+del garbage
+print(frozen, gc.collect(), len(gc.get_objects(generation=2)))
+"""
+
+
+def test_frozen_objects_leave_later_collections_and_new_cycles_are_still_freed() -> None:
+    run = subprocess.run([sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, check=True)
+    frozen, collected, in_gen2 = (int(v) for v in run.stdout.split())
+    assert frozen >= 50_000  # the long-lived objects are out of the collector's walks
+    assert collected >= 1000  # cycles made afterwards are still found and freed
+    assert in_gen2 < 10_000  # a full collection walks what came after, not the 50,000 kept

@@ -34,7 +34,7 @@ from dicom_ai_node.jobs.prefetch import PrefetchedVolumes
 from dicom_ai_node.jobs.readback import ReadBackProcess, die_with_parent
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.iod_lookup import memoize_iod_lookups
-from dicom_ai_node.runtime.allocator import keep_freed_memory
+from dicom_ai_node.runtime.allocator import freeze_long_lived_objects, keep_freed_memory
 from dicom_ai_node.results.kinds import result_kind_of
 from dicom_ai_node.results.no_result import NOT_A_VOLUME, OUTSIDE_RANGE, build_no_result_sr, read_headers
 from dicom_ai_node.results.provenance import ResultContext
@@ -248,6 +248,7 @@ class JobRunner:
 # -- worker processes ------------------------------------------------------------------------------------
 
 _RUNNER: JobRunner | None = None
+_SETTLED_PIPELINES: set[str] = set()  # pipelines that have run a job in this worker
 # Shared with the node: it moves on when a job is handed to the workers while they decode another series
 # ahead, so that the decode stops and the job does not wait behind it.
 _PREFETCH_GENERATION = None
@@ -278,7 +279,13 @@ def _init_worker(
 
 def _run_in_worker(job: JobSpec) -> JobOutcome:
     assert _RUNNER is not None, "worker not initialised"
-    return _RUNNER.run(job)
+    try:
+        return _RUNNER.run(job)
+    finally:
+        if job.pipeline not in _SETTLED_PIPELINES:
+            # The pipeline is loaded now and the job's own objects are gone: freeze what stays (allocator.py).
+            _SETTLED_PIPELINES.add(job.pipeline)
+            freeze_long_lived_objects()
 
 
 def _prefetch_in_worker(series_uid: str, paths: tuple[str, ...], generation: int) -> bool:

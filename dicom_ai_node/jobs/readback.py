@@ -17,6 +17,7 @@ import os
 import signal
 
 from dicom_ai_node.results.validate import encoded_readback_problems
+from dicom_ai_node.runtime.allocator import freeze_long_lived_objects
 
 log = logging.getLogger("dicom_ai_node.jobs.readback")
 
@@ -41,6 +42,11 @@ def _init_helper(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when its helper stops
 
 
+def _warm_up() -> None:
+    encoded_readback_problems("SC", "", b"")  # imports highdicom and pydicom's readers
+    freeze_long_lived_objects()  # what the imports made stays: later collections need not walk it
+
+
 class ReadBackProcess:
     """validate.ReadBack in one helper process, started at once so that its imports are done by the first job."""
 
@@ -48,7 +54,7 @@ class ReadBackProcess:
         self._pool: cf.ProcessPoolExecutor | None = cf.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_helper,
             initargs=(os.getpid(),))
-        self._pool.submit(encoded_readback_problems, "SC", "", b"")  # start it, and import highdicom there
+        self._pool.submit(_warm_up)  # start it, and import highdicom there
         # A worker process joins its children when it exits, before its thread shutdown would stop this pool:
         # stop it first, in an exit finalizer that runs before the pool's queues close theirs (priority 10).
         multiprocessing.util.Finalize(self, self._pool.shutdown, kwargs={"cancel_futures": True}, exitpriority=100)
