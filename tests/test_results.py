@@ -34,10 +34,11 @@ from dicom_ai_node.results.validate import (
     ResultValidationError,
     check_result,
     dciodvfy_errors,
+    encoded_readback_problems,
     gate,
     result_kind,
 )
-from dicom_ai_node.results.writer import save, write_results
+from dicom_ai_node.results.writer import encode, save, write_results
 
 ORG_ROOT = "1.2.826.0.1.3680043.10.1234."
 ANATOMICAL_STRUCTURE = Concept("91723000", "SCT", "Anatomical Structure")
@@ -725,6 +726,22 @@ def test_gate_with_the_read_back_elsewhere_finds_an_unreadable_seg_and_saves_not
     good = gate(iter(lung_case.objects.values()), lung_case.volume.sources, lung_case.manifest, tmp_path / "good",
                 read_back=read_back_helper)
     assert [ds.SOPInstanceUID for ds in good] == [ds.SOPInstanceUID for ds in lung_case.objects.values()]
+
+
+def test_while_the_helper_reads_back_an_object_the_next_is_read_back_here(
+        lung_case: Case, read_back_helper: ReadBackProcess) -> None:
+    """An object does not wait behind the SEG the helper is reading back: it is checked at once, in the
+    worker; both answers are the read-back's own."""
+    seg, sr = lung_case.objects["SEG"], lung_case.objects["SR"]
+    broken = deepcopy(sr)
+    del broken.ContentSequence
+    helper_answer = read_back_helper("SEG", str(seg.SOPClassUID), encode(seg))
+    here = read_back_helper("SR", str(sr.SOPClassUID), encode(broken))
+    assert here.done() and not helper_answer.done()  # the SEG takes the helper longer than one call
+    assert here.result() == encoded_readback_problems("SR", str(sr.SOPClassUID), encode(broken)) != []
+    assert helper_answer.result(timeout=60) == []
+    later = read_back_helper("SR", str(sr.SOPClassUID), encode(sr))  # the helper is free again
+    assert later.result(timeout=60) == []
 
 
 def test_a_failed_read_back_helper_leaves_the_read_back_to_the_worker(lung_case: Case, tmp_path: Path) -> None:

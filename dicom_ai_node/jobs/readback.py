@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import threading
 
 from dicom_ai_node.results.validate import encoded_readback_problems
 from dicom_ai_node.runtime.allocator import freeze_long_lived_objects
@@ -58,19 +59,32 @@ class ReadBackProcess:
         # A worker process joins its children when it exits, before its thread shutdown would stop this pool:
         # stop it first, in an exit finalizer that runs before the pool's queues close theirs (priority 10).
         multiprocessing.util.Finalize(self, self._pool.shutdown, kwargs={"cancel_futures": True}, exitpriority=100)
+        self._lock = threading.Lock()
+        self._pending = 0  # objects handed to the helper and not answered yet
 
     def __call__(self, kind: str, sop_class_uid: str, encoded: bytes) -> "cf.Future[list[str]]":
         answer: cf.Future[list[str]] = cf.Future()
         pool = self._pool
+        with self._lock:
+            busy = self._pending > 0
+            if not busy:
+                self._pending += 1
+        if busy:
+            # The helper still reads back an earlier object (a SEG takes it ~0.1 s): this one is checked here,
+            # at once, instead of waiting behind it (an SR or an SC takes the worker a few ms).
+            answer.set_result(encoded_readback_problems(kind, sop_class_uid, encoded))
+            return answer
         try:
             if pool is None:
                 raise RuntimeError("no read-back helper")
             remote = pool.submit(encoded_readback_problems, kind, sop_class_uid, encoded)
         except RuntimeError:  # no helper, or its pool is broken
+            self._settled()
             answer.set_result(self._here(kind, sop_class_uid, encoded))
             return answer
 
         def settle(done: "cf.Future[list[str]]") -> None:
+            self._settled()
             try:
                 answer.set_result(done.result())
             except Exception:  # noqa: BLE001 - the helper failed, not the check: make it here
@@ -78,6 +92,10 @@ class ReadBackProcess:
 
         remote.add_done_callback(settle)
         return answer
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _here(self, kind: str, sop_class_uid: str, encoded: bytes) -> list[str]:
         """Read back in this process, from now on (a helper that failed once is not trusted again)."""

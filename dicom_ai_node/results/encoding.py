@@ -113,8 +113,20 @@ def _write_dataset(out: bytearray, ds: Dataset, parent_encoding, ancestors: list
         out += value
 
 
+def _item_encodings(encodings) -> list[str]:
+    """pydicom's convert_encodings, once per distinct Specific Character Set (a SEG has ~1,300 sequences)."""
+    key = encodings if isinstance(encodings, str) or encodings is None else tuple(encodings)
+    converted = _CONVERTED.get(key)
+    if converted is None:
+        converted = _CONVERTED[key] = convert_encodings(encodings or ["iso8859"])
+    return converted
+
+
+_CONVERTED: dict = {}
+
+
 def _write_sequence(out: bytearray, elem: DataElement, encodings, ancestors: list[Dataset], correcting: bool) -> None:
-    item_encodings = convert_encodings(encodings or ["iso8859"])
+    item_encodings = _item_encodings(encodings)
     body = bytearray()
     for item in elem.value:
         content = bytearray()
