@@ -1,8 +1,7 @@
 """The memory of worker processes: the allocator keeps freed memory for the next job, and the garbage
 collector leaves the long-lived objects alone.
 
-Allocator. 
-A pipeline allocates and frees the same large arrays on every call (SimpleITK filter outputs, torch
+Allocator: a pipeline allocates and frees the same large arrays on every call (SimpleITK filter outputs, torch
 tensors, numpy temporaries of a volume). glibc serves each allocation above its mmap threshold with a fresh
 mmap and unmaps it on free, and trims the heap's free top back to the kernel, so every call faults its
 working set in again page by page: ct_lung on a 120 x 256 x 256 CT took 48,000 page faults and ~0.3 s of
@@ -11,7 +10,7 @@ and up to 1 GiB of free heap kept, a warm worker faults almost nothing: ct_lung 
 ct_nodule_unet ~10 % faster (benchmarks/RESULTS.md). The cost is that a worker keeps its peak heap, as
 PyTorch's caching allocator keeps its peak on a GPU; memory above 1 GiB free is still returned.
 
-Garbage collector. A warm worker holds ~370,000 objects that live as long as it does (modules, the loaded
+Garbage collector: a warm worker holds ~370,000 objects that live as long as it does (modules, the loaded
 pipeline, highdicom's and pydicom's tables), and a job allocates enough for Python to run a full collection
 every few jobs, which walks them all: ~0.1 s in the middle of a job's writing. Once a pipeline has run its
 first job, they are collected once and frozen (gc.freeze): later full collections walk only what came
