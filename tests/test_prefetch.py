@@ -3,6 +3,7 @@ files are exactly those decoded, and then gets what a fresh load gives."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -190,5 +191,20 @@ def test_the_local_executor_decodes_ahead_only_on_an_idle_worker_and_its_job_reu
         assert executor._prefetch_generation.value == generation + 1
         assert decode.result() is False  # stopped, nothing kept
         assert not job.result().decoded_ahead
+    finally:
+        executor.shutdown()
+
+
+def test_local_workers_outlive_the_thread_that_first_uses_them(tmp_path):
+    """A worker dies with the thread that started it (PR_SET_PDEATHSIG): the executor starts its workers
+    itself, so that a job thread that ends (as they do when the node stops) does not take them along."""
+    executor = LocalExecutor(node_config(tmp_path / "node", free_port()), discover([REPO / "pipelines"]))
+    try:
+        pids = []
+        first = threading.Thread(target=lambda: pids.append(executor._pool.submit(os.getpid).result(timeout=120)))
+        first.start()
+        first.join()
+        time.sleep(1.0)  # the parent-death signal would have killed the worker by now
+        assert executor._pool.submit(os.getpid).result(timeout=120) == pids[0]
     finally:
         executor.shutdown()

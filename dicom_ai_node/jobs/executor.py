@@ -309,6 +309,12 @@ class LocalExecutor:
             initargs=(config.model_dump_json(), manifests_json, slots, config.workers.device, os.getpid(),
                       self._prefetch_generation),
         )
+        # Start the workers now, from the thread that makes the executor (the node's main thread at start):
+        # a worker dies with the *thread* that started it (PR_SET_PDEATHSIG, readback.die_with_parent), and a
+        # pool starts its processes in the thread of the first submit: a job thread, which ends at stop before
+        # the pool does, killing its worker before the worker can clean up.
+        for _ in range(self.workers):
+            self._pool.submit(os.getpid)
         self._lock = threading.Lock()
         self._jobs = 0  # submitted and not finished
         self._prefetching: dict[cf.Future[bool], str] = {}  # decodes ahead under way -> their series
