@@ -180,6 +180,18 @@ def descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in descendants(c)]
 
 
+def settle(pid: int, quiet_s: float = 0.02, every_s: float = 0.5, timeout_s: float = 120.0) -> None:
+    """Wait until the process tree spends under `quiet_s` of CPU per `every_s` (start-up done)."""
+    deadline = time.monotonic() + timeout_s
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = cpu_seconds(pid)
+        if now - before < quiet_s:
+            return
+        before = now
+
+
 class Storescp:
     def __init__(self, work: Path, shim: Path | None = None) -> None:
         self.out = work / "storescp"
@@ -209,7 +221,7 @@ class Node:
         self.process = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "serve", "--config", str(config)],
                                         cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
-        time.sleep(1.0)  # let start-up settle before the idle RSS is read
+        settle(self.process.pid)  # the pipeline worker starts with the node: wait until it is ready and idle
         self.idle_rss = rss_mb(self.process.pid)
 
     def peak_rss(self) -> float:
