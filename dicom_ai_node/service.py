@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_ai_node.assemble import (
+    COUNT_HINT_KEYS,
     CompletionPolicy,
     SeriesComplete,
     SeriesProgress,
@@ -26,7 +27,6 @@ from dicom_ai_node.assemble import (
     StudyRule,
     StudyTimedOut,
     StudyWaiting,
-    COUNT_HINT_KEYS,
     count_hint_projection,
     decode_ahead_at,
     expected_instance_count,

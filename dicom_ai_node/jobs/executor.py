@@ -34,12 +34,12 @@ from dicom_ai_node.jobs.prefetch import PrefetchedVolumes
 from dicom_ai_node.jobs.readback import ReadBackProcess, die_with_parent
 from dicom_ai_node.pipeline import Manifest, Pipeline, PipelineResult, RunContext, instantiate
 from dicom_ai_node.results.iod_lookup import memoize_iod_lookups
-from dicom_ai_node.runtime.allocator import freeze_long_lived_objects, keep_freed_memory
 from dicom_ai_node.results.kinds import result_kind_of
 from dicom_ai_node.results.no_result import NOT_A_VOLUME, OUTSIDE_RANGE, build_no_result_sr, read_headers
 from dicom_ai_node.results.provenance import ResultContext
 from dicom_ai_node.results.validate import ReadBack, gate
 from dicom_ai_node.results.writer import build_results, file_name
+from dicom_ai_node.runtime.allocator import freeze_long_lived_objects, keep_freed_memory
 from dicom_ai_node.runtime.device import admit, gpu_count, select_device
 
 log = logging.getLogger("dicom_ai_node.jobs")
