@@ -83,7 +83,9 @@ def test_association_limit_holds_across_receive_processes(start_node):
     assert first.is_established
     try:
         second = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
-        assert second.is_rejected  # the second process is idle, but the node holds one association already
+        # the second process is idle, but the node holds one association already
+        assert second.is_rejected, (f"second association: established {second.is_established}, aborted "
+                                    f"{second.is_aborted}, released {second.is_released}")
     finally:
         first.release()
     third = wait_for(lambda: (a := ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)).is_established and a,
