@@ -50,6 +50,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def echoscu(port: int, calling_ae: str, called_ae: str = "DICOM_AI_NODE") -> subprocess.CompletedProcess:
+    """DCMTK's echoscu against a node. A rejection is checked with it, not with pynetdicom's requestor: that
+    reports an A-ASSOCIATE-RJ as an abort when its user thread is slow to look (it checks whether the socket
+    is still connected after the reactor thread may have read the reject and closed it)."""
+    require_tool("echoscu")
+    return subprocess.run(["echoscu", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+                          env=PEER_ENV, capture_output=True, text=True, timeout=60)
+
+
 def node_config(data_dir: Path, port: int, extra_yaml: str = "", node_options: str = "") -> NodeConfig:
     return parse_config(node_yaml(data_dir, port, extra_yaml, node_options), "test node.yaml")
 

@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import PEER_ENV, REPO, free_port, node_yaml, require_tool
+from conftest import PEER_ENV, REPO, echoscu, free_port, node_yaml, require_tool
 from dicom_ai_node import spool
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import parse_config
@@ -458,8 +458,9 @@ def test_association_limit_rejects_transiently(receiver):
     ae.add_requested_context(Verification)
     first = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
     assert first.is_established
-    second = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
-    assert second.is_rejected
+    second = echoscu(r.port, "PACS")
+    assert second.returncode != 0
+    assert "Association Rejected" in second.stderr and "Local Limit Exceeded" in second.stderr
     first.release()
     third = ae.associate("127.0.0.1", r.port, ae_title=NODE_AE)
     assert third.is_established

@@ -11,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config as pynetdicom_config
 
-from conftest import PEER_ENV, require_tool
+from conftest import PEER_ENV, echoscu, require_tool
 from dicom_ai_node.receive.scp import AssociationPolicy
 from dicom_ai_node.config import parse_config
 
@@ -39,12 +39,6 @@ def storescu(port: int, path: str, *options: str, calling_ae: str = "PACS") -> s
         ["storescu", *options, "-aet", calling_ae, "-aec", NODE_AE, "127.0.0.1", str(port), path],
         env=PEER_ENV, capture_output=True, text=True, timeout=60,
     )
-
-
-def echoscu(port: int, calling_ae: str) -> subprocess.CompletedProcess:
-    require_tool("echoscu")
-    return subprocess.run(["echoscu", "-aet", calling_ae, "-aec", NODE_AE, "127.0.0.1", str(port)],
-                          env=PEER_ENV, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.integration
@@ -78,9 +72,9 @@ def test_unknown_calling_ae_is_rejected_and_known_one_accepted(start_node):
 @pytest.mark.integration
 def test_wrong_called_ae_is_rejected(start_node):
     node = start_node(PEERS_YAML)
-    result = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "SOMEONE_ELSE", "127.0.0.1", str(node.port)],
-                            env=PEER_ENV, capture_output=True, text=True, timeout=60)
+    result = echoscu(node.port, "PACS", called_ae="SOMEONE_ELSE")
     assert result.returncode != 0
+    assert "Association Rejected" in result.stderr and "Called AE Title Not Recognized" in result.stderr
 
 
 @pytest.mark.integration
