@@ -18,7 +18,7 @@ from dicom_ai_node.config import NodeConfig
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.phantom import make_chest_phantom
 from dicom_ai_node.phantom_xray import make_chest_radiograph
-from dicom_ai_node.net import NODELAY_HANDLERS, keep_responses_for_the_requestor
+from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
 
 DEMO_AE = "DEMO_PACS"
 
@@ -28,9 +28,11 @@ def push_datasets(datasets, host: str, port: int, called_ae: str, calling_ae: st
     ae = AE(ae_title=calling_ae)
     for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NODELAY_HANDLERS)
+    attempt = AssociationAttempt()
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=attempt.handlers)
     if not assoc.is_established:
-        raise ConnectionError(f"could not associate with {called_ae} at {host}:{port} (is `dicom-ai-node serve` running?)")
+        raise ConnectionError(f"could not associate with {called_ae} at {host}:{port}: {attempt.failure(assoc)}"
+                              " (is `dicom-ai-node serve` running?)")
     keep_responses_for_the_requestor(assoc)
     stored = 0
     try:

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import OUTBOX, Dispatch, NodeConfig
 from dicom_ai_node.jobs.store import JobStore, SendRow
-from dicom_ai_node.net import NODELAY_HANDLERS, keep_responses_for_the_requestor
+from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
 from dicom_ai_node.spool import write_durably
 
 log = logging.getLogger("dicom_ai_node.dispatch")
@@ -156,11 +156,10 @@ class Dispatcher:
         ae.dimse_timeout = self.config.dispatch.timeout_s
         for sop_class in sorted({s.sop_class_uid for s in sends})[:128]:  # at most 128 presentation contexts
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                             evt_handlers=NODELAY_HANDLERS)
+        attempt = AssociationAttempt()
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=attempt.handlers)
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-            error = f"association with {destination} at {peer.host}:{peer.port}: {why}"
+            error = f"association with {destination} at {peer.host}:{peer.port}: {attempt.failure(assoc)}"
             self._association_result(destination, error)
             return [SendOutcome(s.id, False, error) for s in sends]
         self._association_result(destination, "")

@@ -5,6 +5,7 @@ import socket
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 # pynetdicom logs the identifiers of C-FIND/C-MOVE requests and responses (names, IDs) by default.
 pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
@@ -19,6 +20,32 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 
 
 NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+
+
+class AssociationAttempt:
+    """Why an association we requested did not come up, in the peer's words when it rejected it.
+
+    The A-ASSOCIATE-RJ is caught as its PDU arrives (EVT_PDU_RECV, in pynetdicom's reactor thread), because
+    pynetdicom 3.0's requestor reports a reject as an abort when its own thread looks late: it checks
+    whether the socket is still connected, and the reactor closes it on the reject (tests/test_net.py)."""
+
+    def __init__(self) -> None:
+        self.reject: A_ASSOCIATE_RJ | None = None
+        self.handlers = [*NODELAY_HANDLERS, (evt.EVT_PDU_RECV, self._on_pdu)]
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            self.reject = event.pdu
+
+    def failure(self, assoc: Any) -> str:
+        """What went wrong, for the operator: "rejected (Rejected (Permanent), DUL service-user: Calling AE
+        title not recognised)", "aborted" or "no connection"."""
+        if self.reject is not None:
+            rj = self.reject
+            return f"rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
+        if assoc.is_rejected:
+            return "rejected"
+        return "aborted" if assoc.is_aborted else "no connection"
 
 
 def keep_responses_for_the_requestor(assoc: Any) -> None:

@@ -80,3 +80,23 @@ def test_sends_become_dead_after_the_last_attempt(start_node):
                      timeout=120, what="dead sends")
     assert all(s.attempts == 3 and "association with ARCHIVE" in s.last_error for s in sends)
     assert node.config.audit_path.read_text().count('"send-dead"') == 3
+
+
+@pytest.mark.integration
+def test_a_destination_that_rejects_is_named_with_its_reason(start_node):
+    require_tool("storescp")
+    port = free_port()
+    storescp = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "--refuse", str(port)], env=PEER_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = start_node(config_yaml(port, attempts=2))
+        phantom = small_phantom("dispatch-rejected")
+        assert push_datasets(phantom.datasets, "127.0.0.1", node.port, "DICOM_AI_NODE", "MODALITY") == 40
+        sends = wait_for(lambda: (s := node.store.sends()) and len(s) == 3 and all(x.state == "dead" for x in s)
+                         and s, timeout=120, what="dead sends")
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=10)
+    # what the operator reads in `status` and the dead-letter list: who refused, and why
+    assert all(s.last_error == f"association with ARCHIVE at 127.0.0.1:{port}: rejected (Rejected (Permanent), "
+               "DUL service-user: No reason given)" for s in sends), sends[0].last_error

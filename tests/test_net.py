@@ -1,8 +1,10 @@
 """The node's pynetdicom requestors (dispatch, demo push) keep a response the association's reactor took
-off the DIMSE queue while a send waited for it (net.keep_responses_for_the_requestor)."""
+off the DIMSE queue while a send waited for it (net.keep_responses_for_the_requestor), and report a peer's
+reject with its reason even when pynetdicom calls it an abort (net.AssociationAttempt)."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
 import pydicom
@@ -14,7 +16,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage
 
 from conftest import PEER_ENV, free_port, require_tool
-from dicom_ai_node.net import NODELAY_HANDLERS, keep_responses_for_the_requestor
+from dicom_ai_node.net import NODELAY_HANDLERS, AssociationAttempt, keep_responses_for_the_requestor
 
 
 @pytest.fixture
@@ -71,3 +73,48 @@ def test_a_response_the_reactor_takes_goes_back_to_the_waiting_send(storescp):
         assert int(status.Status) == 0x0000
     finally:
         assoc.release()
+
+
+@pytest.fixture
+def refusing_storescp():
+    require_tool("storescp")
+    port = free_port()
+    process = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "--refuse", str(port)], env=PEER_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # listening once a connection gets an answer (its reject)
+        attempt = AssociationAttempt()
+        ae = AE()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.associate("127.0.0.1", port, ae_title="ARCHIVE", evt_handlers=attempt.handlers)
+        if attempt.reject is not None:
+            break
+        time.sleep(0.1)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("slow_requestor", [False, True])
+def test_a_reject_is_reported_with_the_peers_reason(refusing_storescp, monkeypatch, slow_requestor):
+    if slow_requestor:
+        # pynetdicom's requestor thread looks late (a busy process): it sees the socket the reactor closed on
+        # the reject and reports an abort; the attempt still has the reject and its reason.
+        wait = threading.Event.wait
+
+        def late(self, timeout=None):
+            ready = wait(self, timeout)
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(0.2)
+            return ready
+
+        monkeypatch.setattr(threading.Event, "wait", late)
+    attempt = AssociationAttempt()
+    ae = AE(ae_title="NODE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", refusing_storescp, ae_title="ARCHIVE", evt_handlers=attempt.handlers)
+    monkeypatch.undo()
+    assert not assoc.is_established
+    if slow_requestor:
+        assert assoc.is_aborted and not assoc.is_rejected  # pynetdicom's own account, for the record
+    assert attempt.failure(assoc) == "rejected (Rejected (Permanent), DUL service-user: No reason given)"
