@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 
-from dicom_ai_node.results.validate import encoded_readback_problems
+from dicom_ai_node.results.validate import DeferredCheck, encoded_readback_problems
 from dicom_ai_node.runtime.allocator import freeze_long_lived_objects
 
 log = logging.getLogger("dicom_ai_node.jobs.readback")
@@ -70,10 +70,11 @@ class ReadBackProcess:
             if not busy:
                 self._pending += 1
         if busy:
-            # The helper still reads back an earlier object (a SEG takes it ~0.1 s): this one is checked here,
-            # at once, instead of waiting behind it (an SR or an SC takes the worker a few ms).
-            answer.set_result(encoded_readback_problems(kind, sop_class_uid, encoded))
-            return answer
+            # The helper still reads back an earlier object (a SEG takes it ~0.1 s): this one is read back
+            # here instead of waiting behind it (an SR or an SC takes the worker a few ms), when the gate
+            # first asks for its answer: by then the worker has built the objects after it, and would
+            # otherwise only wait for the helper.
+            return DeferredCheck(lambda: encoded_readback_problems(kind, sop_class_uid, encoded))
         try:
             if pool is None:
                 raise RuntimeError("no read-back helper")

@@ -624,6 +624,23 @@ def run_dciodvfy(executable: str, path: Path, unknown_iod_lines: tuple[re.Patter
     return errors
 
 
+class DeferredCheck(cf.Future):
+    """A check made in the thread that first asks for its answer (result()), not when it is handed out."""
+
+    def __init__(self, check: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self._check: Callable[[], list[str]] | None = check
+
+    def result(self, timeout: float | None = None) -> list[str]:
+        check, self._check = self._check, None
+        if check is not None:
+            try:
+                self.set_result(check())
+            except Exception as exc:  # noqa: BLE001 - raised to the caller, as a failed future's would be
+                self.set_exception(exc)
+        return super().result(timeout)
+
+
 # Starts highdicom's read-back of an object from its file bytes elsewhere: (kind, SOP class UID, bytes) -> the
 # problems (encoded_readback_problems), as a future.
 ReadBack = Callable[[str, str, bytes], "cf.Future[list[str]]"]
@@ -673,18 +690,24 @@ def gate(
                 encoded: bytes | None = encode(ds)
             except Exception:  # noqa: BLE001 - check_result reports an object that cannot be encoded
                 encoded = None
-            dciodvfy = None
-            if folder_for_dciodvfy is not None:
-                path = save(ds, Path(folder_for_dciodvfy), encoded)
-                if timings is not None:
-                    timings["save"] = timings.get("save", 0.0) + time.perf_counter() - t
-                if executable is not None:
-                    dciodvfy = pool.submit(run_dciodvfy, executable, path, lines_predating_dciodvfy(ds))
+            encoding_s = time.perf_counter() - t
+            # The read-back (the last check to answer, for a SEG) starts first; it needs the bytes, not the file.
             # An object check_result refuses before reading it back (no known kind, not encodable) is not sent off.
             readback = (read_back(kind, str(ds.SOPClassUID), encoded) if read_back and kind and encoded and sources
                         else None)
+            dciodvfy = None
+            if folder_for_dciodvfy is not None:
+                saving = time.perf_counter()
+                path = save(ds, Path(folder_for_dciodvfy), encoded)
+                if timings is not None:
+                    timings["save"] = timings.get("save", 0.0) + encoding_s + time.perf_counter() - saving
+                if executable is not None:
+                    dciodvfy = pool.submit(run_dciodvfy, executable, path, lines_predating_dciodvfy(ds))
             found = check_result(ds, sources, seg, manifest, sr_profile, encoded=encoded, read_back=readback is None)
             checked.append((label, [f"{label}: {p}" for p in found], readback, dciodvfy))
+        for _, _, readback, _ in checked:  # this thread's own checks first, while the helper may still be busy
+            if isinstance(readback, DeferredCheck):
+                readback.result()
         uids = [str(ds.get("SOPInstanceUID", "")) for ds in objects]
         problems = [f"SOPInstanceUID {uid} is used by more than one result object"
                     for uid in sorted({u for u in uids if uids.count(u) > 1})]
