@@ -17,8 +17,10 @@ import io
 import mmap
 import os
 import re
+import shutil
 import struct
 import threading
+import time
 import uuid
 import warnings
 import zlib
@@ -571,11 +573,48 @@ def write_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def instance_path(spool_dir: Path, header: InstanceHeader) -> Path:
+def instance_path(spool_dir: Path | str, header: InstanceHeader) -> str:
+    """`<spool>/<study>/<series>/<instance>.dcm`, as a string: made for every received instance, where pathlib's
+    joins would cost more than the rest of the naming."""
     for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
         if not is_safe_uid(uid):
             raise InvalidInstance("unsafe UID")  # parse_instance already checked; defence in depth
-    return spool_dir / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.dcm"
+    return f"{os.fspath(spool_dir)}{os.sep}{header.study_uid}{os.sep}{header.series_uid}{os.sep}{header.sop_instance_uid}.dcm"
+
+
+# How stale the free-space figure of the spool may get before it is measured again (a statvfs per C-STORE
+# would cost as much as naming the instance); an instance that does not fit still fails at its write.
+FREE_SPACE_RECHECK_S = 0.25
+FREE_SPACE_RECHECK_BYTES = 256 * 1024 * 1024
+
+
+def free_space_recheck_due(now: float, measured_at: float | None, received_since: int) -> bool:
+    """Whether to measure the spool's free space again before the next C-STORE."""
+    return (measured_at is None or now - measured_at >= FREE_SPACE_RECHECK_S or now < measured_at
+            or received_since >= FREE_SPACE_RECHECK_BYTES)
+
+
+class FreeSpaceGauge:
+    """The spool's free space, measured at most every FREE_SPACE_RECHECK_S or FREE_SPACE_RECHECK_BYTES
+    received, less what was received since (one thread: the receive loop)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._free = 0
+        self._measured_at: float | None = None
+        self._received_since = 0
+
+    def free_bytes(self) -> int:
+        """The free space (OSError when it cannot be measured)."""
+        now = time.monotonic()
+        if free_space_recheck_due(now, self._measured_at, self._received_since):
+            self._measured_at = None  # measured again next time if this raises
+            self._free = shutil.disk_usage(self.folder).free
+            self._measured_at, self._received_since = now, 0
+        return self._free - self._received_since
+
+    def received(self, size: int) -> None:
+        self._received_since += size
 
 
 class _DurableFolders:
@@ -690,7 +729,7 @@ class IncomingInstance:
     def parts(self) -> tuple[bytes, bytearray]:
         return self.meta, self._data
 
-    def check(self) -> tuple[Path, InstanceHeader]:
+    def check(self) -> tuple[str, InstanceHeader]:
         """Check an instance held in memory (InvalidInstance) without writing it: its final path, header."""
         header = self._parse()
         return instance_path(self.spool_dir, header), header
@@ -698,7 +737,7 @@ class IncomingInstance:
     def commit(self) -> tuple[Path, InstanceHeader]:
         """Check the instance (InvalidInstance), then make it durable under its final name (OSError)."""
         header = self._parse()
-        path = instance_path(self.spool_dir, header)
+        path = Path(instance_path(self.spool_dir, header))
         if self._fd is None:  # held in memory until now: written straight into its folder
             self._ensure_folder(path.parent)
             try:

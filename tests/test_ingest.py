@@ -32,7 +32,17 @@ from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.receive import journal as ingest_journal
 from dicom_ai_node.receive.journal import IngestJournal, read_segment
 from dicom_ai_node.receive.scp import Receiver
-from dicom_ai_node.spool import IncomingInstance, InvalidInstance, parse_dataset, parse_instance, parse_with_pydicom
+from dicom_ai_node.spool import (
+    FREE_SPACE_RECHECK_BYTES,
+    FREE_SPACE_RECHECK_S,
+    FreeSpaceGauge,
+    IncomingInstance,
+    InvalidInstance,
+    free_space_recheck_due,
+    parse_dataset,
+    parse_instance,
+    parse_with_pydicom,
+)
 
 NODE_AE = "DICOM_AI_NODE"
 
@@ -241,6 +251,31 @@ def no_checkpoints(monkeypatch):
     """The placer places but never checkpoints, as if the process died before its first checkpoint."""
     monkeypatch.setattr(ingest_journal, "CHECKPOINT_IDLE_S", 1e9)
     monkeypatch.setattr(ingest_journal, "CHECKPOINT_EVERY_S", 1e9)
+
+
+def test_free_space_is_measured_again_when_stale_or_after_enough_bytes():
+    assert free_space_recheck_due(100.0, None, 0)  # never measured
+    assert not free_space_recheck_due(100.0, 100.0, 0)
+    assert not free_space_recheck_due(100.0 + FREE_SPACE_RECHECK_S / 2, 100.0, FREE_SPACE_RECHECK_BYTES - 1)
+    assert free_space_recheck_due(100.0 + FREE_SPACE_RECHECK_S, 100.0, 0)
+    assert free_space_recheck_due(100.0, 100.0, FREE_SPACE_RECHECK_BYTES)
+    assert free_space_recheck_due(99.0, 100.0, 0)  # the clock went back: do not trust the old figure
+
+
+def test_free_space_gauge_counts_what_was_received_since_it_measured(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    measured = []
+    real = shutil_module.disk_usage
+    monkeypatch.setattr("dicom_ai_node.spool.shutil.disk_usage", lambda p: measured.append(p) or real(p))
+    gauge = FreeSpaceGauge(tmp_path)
+    free = gauge.free_bytes()
+    assert len(measured) == 1 and abs(free - real(tmp_path).free) < 64 * 1024 * 1024
+    gauge.received(10 * 1024 * 1024)
+    assert gauge.free_bytes() == free - 10 * 1024 * 1024 and len(measured) == 1  # estimated, not measured
+    gauge.received(FREE_SPACE_RECHECK_BYTES)
+    gauge.free_bytes()
+    assert len(measured) == 2  # so much arrived that the figure is measured again
 
 
 def test_journal_appends_from_several_threads_are_placed_recorded_and_checkpointed(tmp_path):

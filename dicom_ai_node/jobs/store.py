@@ -25,6 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from dicom_ai_node import jsontext
+
 SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS associations (
@@ -228,7 +230,7 @@ class ReceivedInstance:
     @cached_property
     def header_json(self) -> str:
         """The header as JSON, made once: the journal's record and the store's row both carry it."""
-        return json.dumps(self.header, separators=(",", ":"))
+        return jsontext.dumps(self.header)
 
 
 def _series(row: sqlite3.Row) -> SeriesRow:
@@ -456,7 +458,7 @@ class JobStore:
             "SELECT sop_uid, sop_class_uid, path, header FROM instances WHERE series_uid=? ORDER BY sop_uid",
             (series_uid,),
         )
-        return [InstanceRow(r["sop_uid"], r["sop_class_uid"], r["path"], json.loads(r["header"])) for r in rows]
+        return [InstanceRow(r["sop_uid"], r["sop_class_uid"], r["path"], jsontext.loads(r["header"])) for r in rows]
 
     def count_hints_since(self, series_uid: str, after_rowid: int, keys: Sequence[str]) -> tuple[int, list[list[Any]]]:
         """The highest rowid of the series' instances recorded after `after_rowid` (or `after_rowid`), and the

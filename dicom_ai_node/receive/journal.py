@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 import crc32c
 
+from dicom_ai_node import jsontext
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.spool import fsync_dir, write_durably
 
@@ -136,7 +137,7 @@ class _Record:
     def encode(cls, instance: ReceivedInstance, parts: Sequence[Any], in_place: bool) -> "_Record":
         # {"instance": {...its fields..., "header": ...}, "in_place": ...}, with the header's JSON made once
         # for the journal and the store (asdict would also deep-copy it)
-        fields = json.dumps({name: getattr(instance, name) for name in _INSTANCE_FIELDS}, separators=(",", ":"))
+        fields = jsontext.dumps({name: getattr(instance, name) for name in _INSTANCE_FIELDS})
         meta = (f'{{"instance":{fields[:-1]},"header":{instance.header_json}}},'
                 f'"in_place":{"true" if in_place else "false"}}}').encode()
         checksum = CHECKSUMS[MAGIC]
@@ -456,20 +457,22 @@ class IngestJournal:
 
     def _place_file(self, entry: JournalEntry, durable: bool) -> None:
         """Write the instance's spool file from the journal (atomically: a reader sees the old or the new)."""
-        path = Path(entry.instance.path)
         if entry.in_place:
+            path = Path(entry.instance.path)
             if not path.is_file() or path.stat().st_size != entry.instance.size:
                 raise OSError(f"journalled instance {entry.instance.sop_uid}: its file {path} is missing or "
                               f"not {entry.instance.size} bytes")
             return
         if durable:
-            write_durably(path, b"".join(entry.parts))
+            write_durably(Path(entry.instance.path), b"".join(entry.parts))
             return
-        tmp = path.with_name(f".{path.name}.{entry.seq}.tmp")
+        # Names as strings: this runs for every received instance, and pathlib's parsing costs more than it.
+        folder, _, name = entry.instance.path.rpartition(os.sep)
+        tmp = f"{folder}{os.sep}.{name}.{entry.seq}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             if entry.source is not None:
@@ -484,7 +487,7 @@ class IngestJournal:
                 os.writev(fd, list(entry.parts))
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        os.rename(tmp, entry.instance.path)
 
     # -- checkpoints and segments -----------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import shutil
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from dicom_ai_node.receive.journal import IngestJournal, recover_other_journals
 from dicom_ai_node.receive.ul import (
     REJECT_CALLING_AE, STATUS_PROCESSING_FAILURE, Acceptor, Association, StoreRequest,
 )
-from dicom_ai_node.spool import IncomingInstance, InvalidInstance
+from dicom_ai_node.spool import FreeSpaceGauge, IncomingInstance, InvalidInstance
 
 log = logging.getLogger("dicom_ai_node.receive")
 
@@ -108,6 +107,7 @@ class Receiver:
         self.policy = AssociationPolicy.from_config(config)
         self.contexts = supported_contexts()
         self.journal = IngestJournal(config.journal_dir / journal, config.spool_dir, store)
+        self.free_space = FreeSpaceGauge(config.spool_dir)
         self.acceptor: Acceptor | None = None
 
     @property
@@ -211,7 +211,7 @@ class _IncomingStore:
         self.max_bytes = node.max_instance_mb * 1024 * 1024
         spool = receiver.config.spool_dir
         try:
-            if shutil.disk_usage(spool).free < node.min_free_disk_mb * 1024 * 1024:
+            if receiver.free_space.free_bytes() < node.min_free_disk_mb * 1024 * 1024:
                 log.error("C-STORE %s refused: free disk below %d MB", self.sop_uid, node.min_free_disk_mb)
                 self.status = STATUS_OUT_OF_RESOURCES
                 return
@@ -272,11 +272,12 @@ class _IncomingStore:
             incoming.discard()
             log.exception("C-STORE %s not stored", self.sop_uid)
             return STATUS_PROCESSING_FAILURE
+        size = incoming.meta_size + incoming.dataset_size
+        receiver.free_space.received(size)
         instance = ReceivedInstance(
             sop_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
             transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
-            study_uid=header.study_uid, calling_ae=calling_ae, path=str(path),
-            size=incoming.meta_size + incoming.dataset_size, header=header.routing_header,
-            association_id=self.assoc.state.get("id"),
+            study_uid=header.study_uid, calling_ae=calling_ae, path=str(path), size=size,
+            header=header.routing_header, association_id=self.assoc.state.get("id"),
         )
         return instance, (incoming.parts if in_memory else ()), not in_memory
