@@ -19,24 +19,38 @@ from conftest import PEER_ENV, free_port, require_tool
 from dicom_ai_node.net import NODELAY_HANDLERS, AssociationAttempt, keep_responses_for_the_requestor
 
 
-@pytest.fixture
-def storescp():
+def _storescp(option: str):
+    """DCMTK's storescp as ARCHIVE on a free port (`--ignore`: accepts and drops what it gets; `--refuse`:
+    rejects every association), yielded once it answers an association request."""
     require_tool("storescp")
     port = free_port()
-    process = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "--ignore", str(port)], env=PEER_ENV,
+    process = subprocess.Popen(["storescp", "-aet", "ARCHIVE", option, str(port)], env=PEER_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline:
+        attempt = AssociationAttempt()
         ae = AE()
         ae.add_requested_context("1.2.840.10008.1.1")
-        probe = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+        probe = ae.associate("127.0.0.1", port, ae_title="ARCHIVE", evt_handlers=attempt.handlers)
+        answered = probe.is_established or attempt.reject is not None
         if probe.is_established:
             probe.release()
+        if answered:
             break
         time.sleep(0.1)
     yield port
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture
+def storescp():
+    yield from _storescp("--ignore")
+
+
+@pytest.fixture
+def refusing_storescp():
+    yield from _storescp("--refuse")
 
 
 def _paused(assoc) -> None:
@@ -73,26 +87,6 @@ def test_a_response_the_reactor_takes_goes_back_to_the_waiting_send(storescp):
         assert int(status.Status) == 0x0000
     finally:
         assoc.release()
-
-
-@pytest.fixture
-def refusing_storescp():
-    require_tool("storescp")
-    port = free_port()
-    process = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "--refuse", str(port)], env=PEER_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:  # listening once a connection gets an answer (its reject)
-        attempt = AssociationAttempt()
-        ae = AE()
-        ae.add_requested_context("1.2.840.10008.1.1")
-        ae.associate("127.0.0.1", port, ae_title="ARCHIVE", evt_handlers=attempt.handlers)
-        if attempt.reject is not None:
-            break
-        time.sleep(0.1)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("slow_requestor", [False, True])
