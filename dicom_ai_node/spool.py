@@ -77,15 +77,22 @@ _unpack_explicit = struct.Struct("<HH2sH").unpack_from
 _unpack_u32 = struct.Struct("<I").unpack_from
 
 class _Elements:
-    """The top-level elements found by the walk: value offset, value length (None: undefined) and, in an
-    explicit VR dataset, the VR, per tag."""
+    """The top-level elements found by the walk, per tag: (value offset, value length (None: undefined), VR
+    (None in an implicit VR dataset)). One entry per element, as the walk of every received instance makes it."""
 
-    __slots__ = ("pos", "length", "vr")
+    __slots__ = ("found",)
 
     def __init__(self) -> None:
-        self.pos: dict[int, int] = {}
-        self.length: dict[int, int | None] = {}
-        self.vr: dict[int, bytes] = {}
+        self.found: dict[int, tuple[int, int | None, bytes | None]] = {}
+
+    def length(self, tag: int) -> int | None:
+        """The value length of `tag`: None when it is absent or of undefined length."""
+        entry = self.found.get(tag)
+        return None if entry is None else entry[1]
+
+    def vr(self, tag: int) -> bytes | None:
+        entry = self.found.get(tag)
+        return None if entry is None else entry[2]
 
 
 def _tag_str(tag: int) -> str:
@@ -99,9 +106,7 @@ def _walk(buf: Any, pos: int, end: int, explicit: bool, nested: bool, top: _Elem
     given, collects the elements (the top level). Raises InvalidInstance where the stream ends early.
     This runs for every received instance: the look-ups are bound to locals.
     """
-    positions = lengths = vrs = None
-    if top is not None:
-        positions, lengths, vrs = top.pos, top.length, top.vr
+    found = top.found if top is not None else None
     unpack_explicit, unpack_u32, unpack_tag_length = _unpack_explicit, _unpack_u32, _unpack_tag_length
     long_length_vrs, known_vrs = _LONG_LENGTH_VRS, _VRS
     while pos < end:
@@ -141,11 +146,8 @@ def _walk(buf: Any, pos: int, end: int, explicit: bool, nested: bool, top: _Elem
             if pos > end:
                 raise InvalidInstance(
                     f"element {_tag_str(tag)} is truncated: {max(end - value_pos, 0)} of {length} bytes")
-        if positions is not None:
-            positions[tag] = value_pos
-            lengths[tag] = length  # type: ignore[index]
-            if vr is not None:
-                vrs[tag] = vr  # type: ignore[index]
+        if found is not None:
+            found[tag] = (value_pos, length, vr)
     if nested:
         raise InvalidInstance(f"stream of {end} bytes ends inside a sequence item")
     return pos
@@ -258,10 +260,10 @@ class _Values:
         self._encodings: list[str] | None = None
 
     def raw(self, tag: int) -> bytes | None:
-        length = self.elements.length.get(tag)
-        if length is None:
+        entry = self.elements.found.get(tag)
+        if entry is None or entry[1] is None:
             return None
-        pos = self.elements.pos[tag]
+        pos, length, _ = entry
         return bytes(self.buf[pos:pos + length])
 
     def encodings(self) -> list[str]:
@@ -286,7 +288,7 @@ class _Values:
         raw = self.raw(tag)
         if not raw:
             return None
-        vr = self.elements.vr.get(tag)
+        vr = self.elements.vr(tag)
         if (vr.decode("ascii") if vr is not None else dictionary_VR(tag)) in ("US", "SS", "US or SS"):
             return struct.unpack_from("<H", raw)[0] if len(raw) >= 2 else None
         try:
@@ -306,16 +308,15 @@ class _Values:
 
     def routing_header(self) -> dict[str, Any]:
         header: dict[str, Any] = {}
-        buf, positions, vrs = self.buf, self.elements.pos, self.elements.vr
+        buf = self.buf
         known_values = _header_values
-        for tag, length in self.elements.length.items():
+        for tag, (pos, length, raw_vr) in self.elements.found.items():
             known = _routing_tags.get(tag, _UNSEEN)
             if known is _UNSEEN:
                 known = _routing_tags[tag] = _routing_tag(tag)
             if known is None or length is None:
                 continue
             keyword, vr = known
-            raw_vr = vrs.get(tag)
             if raw_vr is not None and raw_vr != b"UN":
                 vr = _VR_NAMES[raw_vr]  # the VR the sender wrote wins, as in pydicom
             elif " or " in vr:  # implicit VR, or UN that pydicom replaces by the dictionary's VR
@@ -327,7 +328,6 @@ class _Values:
             if not length:
                 header[keyword] = ""
                 continue
-            pos = positions[tag]
             raw = bytes(buf[pos:pos + length])
             key = (tag, vr, raw)
             value: Any = known_values.get(key)
@@ -392,9 +392,9 @@ def parse_dataset(buf: Any, start: int, transfer_syntax_uid: str, sop_class_uid:
         uids[keyword] = value
     if uids["SOPInstanceUID"] != sop_instance_uid or uids["SOPClassUID"] != sop_class_uid:
         raise InvalidInstance("SOPInstanceUID/SOPClassUID of the dataset differ from the C-STORE request")
-    if 0x7FE00010 in elements.pos and not compressed:
+    if 0x7FE00010 in elements.found and not compressed:
         expected = _expected_pixel_bytes(values)
-        length = elements.length[0x7FE00010] or 0
+        length = elements.length(0x7FE00010) or 0
         if length < expected:
             raise InvalidInstance(f"PixelData (7FE0,0010) has {length} bytes, expected {expected}")
     return InstanceHeader(

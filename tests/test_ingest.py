@@ -118,7 +118,7 @@ def test_every_truncation_is_refused():
     assert meta is not None
     elements = spool._Elements()  # noqa: SLF001
     spool._walk(raw, meta[1], len(raw), True, False, elements)  # noqa: SLF001
-    ends = {elements.pos[tag] + length for tag, length in elements.length.items() if length is not None}
+    ends = {pos + length for pos, length, _ in elements.found.values() if length is not None}
     refused = 0
     for cut in range(meta[1] + 1, len(raw), 97):
         try:
