@@ -579,7 +579,8 @@ def instance_path(spool_dir: Path | str, header: InstanceHeader) -> str:
     for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
         if not is_safe_uid(uid):
             raise InvalidInstance("unsafe UID")  # parse_instance already checked; defence in depth
-    return f"{os.fspath(spool_dir)}{os.sep}{header.study_uid}{os.sep}{header.series_uid}{os.sep}{header.sop_instance_uid}.dcm"
+    sep = os.sep
+    return f"{os.fspath(spool_dir)}{sep}{header.study_uid}{sep}{header.series_uid}{sep}{header.sop_instance_uid}.dcm"
 
 
 # How stale the free-space figure of the spool may get before it is measured again (a statvfs per C-STORE

@@ -63,8 +63,6 @@ class ReadBackProcess:
         self._pending = 0  # objects handed to the helper and not answered yet
 
     def __call__(self, kind: str, sop_class_uid: str, encoded: bytes) -> "cf.Future[list[str]]":
-        answer: cf.Future[list[str]] = cf.Future()
-        pool = self._pool
         with self._lock:
             busy = self._pending > 0
             if not busy:
@@ -75,6 +73,8 @@ class ReadBackProcess:
             # first asks for its answer: by then the worker has built the objects after it, and would
             # otherwise only wait for the helper.
             return DeferredCheck(lambda: encoded_readback_problems(kind, sop_class_uid, encoded))
+        answer: cf.Future[list[str]] = cf.Future()
+        pool = self._pool
         try:
             if pool is None:
                 raise RuntimeError("no read-back helper")
