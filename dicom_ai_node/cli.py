@@ -1,4 +1,4 @@
-"""`dicom-ai-node serve|check-config|test-rule|status|demo|pipelines`."""
+"""`dicom-ai-node serve|check-config|test-rule|status|replay|batch|demo|pipelines`."""
 from __future__ import annotations
 
 import argparse
@@ -180,6 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for d in store.destinations():
         state = f"paused for {d.open_until - now:.0f} s" if d.open_until > now else "open for sends"
         print(f"  {d.name:<16} {state}; {d.consecutive_failures} consecutive failures; last error: {d.last_error}")
+    print("BATCH RUNS (`dicom-ai-node batch list` for the jobs and their schedules)")
+    for line in batch_run_lines(store, limit=10):
+        print(line)
     print("INGEST JOURNALS (acknowledged instances on their way to the spool)")
     for journal in store.journals():
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.updated))
@@ -204,6 +207,61 @@ def cmd_replay(args: argparse.Namespace) -> int:
     AuditLog(config.audit_path).write("replay", study_uid=args.study, destination=args.destination, sends=count)
     print(f"queued {count} dead-lettered send(s) again; the running node delivers them")
     return 0
+
+
+def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
+    """The latest batch runs (of `job`), each with its studies' progress."""
+    lines = []
+    for run in store.batch_runs(limit=1000 if job else limit):
+        if job is not None and run.job != job:
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
+        lines.append(f"  run #{run.id:<4} {run.job:<20} {run.state:<8} from {run.source} ({run.trigger}) started "
+                     f"{started}: {run.note or f'{run.found} studies found'}")
+        for study in store.batch_studies(run.id):
+            series = f"series {study.series_done}/{study.series_total}" if study.series_total else "series ?"
+            moving = f", {study.remaining} remaining" if study.state == "moving" and study.remaining else ""
+            error = f"  error: {study.last_error}" if study.last_error else ""
+            lines.append(f"    study {study.study_uid}  {study.state:<8} {series}, {study.completed} instances "
+                         f"delivered, {study.failed} failed{moving}{error}")
+        if len([line for line in lines if line.startswith("  run")]) >= limit:
+            break
+    return lines or ["  none yet"]
+
+
+def cmd_batch_list(args: argparse.Namespace) -> int:
+    from dicom_ai_node.jobs.store import JobStore
+
+    config = _config(args)
+    if not config.batch:
+        print("no batch jobs configured (node.yaml: batch)")
+        return 0
+    store = JobStore(config.db_path)
+    for job in config.batch:
+        schedule = f"cron {job.cron!r}" if job.cron else (
+            f"every {job.every_minutes:g} min" if job.every_minutes else "on command only")
+        keys = ", ".join(f"{k}={v!r}" for k, v in {**job.query, **job.series}.items())
+        days = f"; StudyDate in the last {job.study_days} day(s)" if job.study_days else ""
+        print(f"{job.name}: from {job.source}, {schedule}; matching {keys or 'every study'}{days}; "
+              f"at most {job.max_studies} studies a run")
+        for line in batch_run_lines(store, limit=3, job=job.name):
+            print(line)
+    return 0
+
+
+def cmd_batch_run(args: argparse.Namespace) -> int:
+    from dicom_ai_node.audit import AuditLog
+    from dicom_ai_node.jobs.store import JobStore
+    from dicom_ai_node.worklist.batch import BatchError, BatchRunner
+
+    config = _config(args)
+    runner = BatchRunner(config, JobStore(config.db_path), AuditLog(config.audit_path))
+    try:
+        run = runner.run(args.name, trigger="command", again=args.again, report=print)
+    except BatchError as exc:
+        print(f"batch: {exc}", file=sys.stderr)
+        return 2
+    return 0 if run.state == "done" else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -242,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", help="only this destination AE title (or outbox)")
     p.add_argument("--all", action="store_true", help="every dead-lettered send")
     p.set_defaults(func=cmd_replay)
+    batch = sub.add_parser("batch", help="pull studies from a PACS: the batch jobs of node.yaml").add_subparsers(
+        dest="batch_command", required=True)
+    with_config(batch.add_parser("list", help="batch jobs, their schedules and latest runs")).set_defaults(
+        func=cmd_batch_list)
+    p = with_config(batch.add_parser("run", help="run a batch job now (the node must be running to receive)"))
+    p.add_argument("name")
+    p.add_argument("--again", action="store_true", help="pull studies pulled before too")
+    p.set_defaults(func=cmd_batch_run)
     p = with_config(sub.add_parser("demo", help="push a synthetic chest CT to a running node and wait for results"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results (0: do not wait)")

@@ -211,6 +211,70 @@ class Workers(Strict):
     ray_address: str = "auto"  # executor ray: address of an existing Ray cluster
 
 
+# Modalities of objects made from images (the node's own results among them): a batch pull leaves their
+# series in the PACS unless the job's `series` keys ask for a Modality explicitly.
+DERIVED_MODALITIES = ("SEG", "SR", "PR", "KO", "REG", "RWV")
+
+
+def _check_query_keys(keys: dict[str, Any], level: str) -> dict[str, str]:
+    checked = {}
+    for key, value in keys.items():
+        if tag_for_keyword(key) is None:
+            raise ValueError(f"{level} key {key!r} is not a DICOM keyword")
+        if key in ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID"):
+            raise ValueError(f"{level} key {key!r} is set by the node, not by the job")
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{level} key {key!r}: give one matching value as a string (wildcards * and ?, "
+                             "ranges as A-B), not {type(value).__name__}")
+        checked[key] = str(value)
+    return checked
+
+
+class BatchJob(Strict):
+    """A pull from a PACS: C-FIND the studies matching `query` at `source`, C-MOVE their series to the node
+    (which receives and processes them like pushed ones), on a schedule and/or with `dicom-ai-node batch run`.
+    A study pulled in full from a source is not pulled from it again."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    source: str = Field(pattern=AE_TITLE_PATTERN)  # a configured peer answering C-FIND and C-MOVE
+    query: dict[str, Any] = Field(default_factory=dict)  # STUDY level matching keys, e.g. ModalitiesInStudy: CT
+    series: dict[str, Any] = Field(default_factory=dict)  # SERIES level matching keys, e.g. Modality: CT
+    study_days: int | None = Field(None, ge=1)  # StudyDate in the last N days, today included (1: today)
+    cron: str | None = None  # crontab line in the node's local time, e.g. "0 2 * * *"
+    every_minutes: float | None = Field(None, gt=0)
+    max_studies: int = Field(100, ge=1)  # per run; the rest are pulled by the next run
+
+    @field_validator("query")
+    @classmethod
+    def _study_keys(cls, keys: dict[str, Any]) -> dict[str, str]:
+        return _check_query_keys(keys, "query")
+
+    @field_validator("series")
+    @classmethod
+    def _series_keys(cls, keys: dict[str, Any]) -> dict[str, str]:
+        return _check_query_keys(keys, "series")
+
+    @field_validator("cron")
+    @classmethod
+    def _crontab(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value)
+            except ValueError as exc:
+                raise ValueError(f"cron {value!r} is not a crontab line (minute hour day month weekday): {exc}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule_one_date(self) -> "BatchJob":
+        if self.cron is not None and self.every_minutes is not None:
+            raise ValueError("give cron or every_minutes, not both")
+        if self.study_days is not None and "StudyDate" in self.query:
+            raise ValueError("give study_days or a StudyDate query key, not both")
+        return self
+
+
 class NodeConfig(Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     peers: list[Peer] = Field(default_factory=list)
@@ -221,6 +285,7 @@ class NodeConfig(Strict):
     workers: Workers = Field(default_factory=Workers)
     retention: Retention = Field(default_factory=Retention)
     qc: QC = Field(default_factory=QC)
+    batch: list[BatchJob] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _destinations_are_peers(self) -> "NodeConfig":
@@ -237,7 +302,16 @@ class NodeConfig(Strict):
                         f"rules[{i}] ({rule.name}): destination {dest!r} is not a configured peer ae_title "
                         f"nor {OUTBOX!r}"
                     )
+        if len({job.name for job in self.batch}) != len(self.batch):
+            raise ValueError("batch: two jobs share one name")
+        for i, job in enumerate(self.batch):
+            if job.source not in names:
+                raise ValueError(f"batch[{i}] ({job.name}): source {job.source!r} is not a configured peer ae_title "
+                                 "(the node accepts the moved instances only from a peer)")
         return self
+
+    def batch_job(self, name: str) -> BatchJob | None:
+        return next((job for job in self.batch if job.name == name), None)
 
     @property
     def uses_content_labels(self) -> bool:

@@ -1,4 +1,5 @@
-"""The node: wires receive -> assemble -> route -> execute -> dispatch through the job store.
+"""The node: wires receive -> assemble -> route -> execute -> dispatch through the job store, and the batch
+jobs that pull studies from a PACS into receive (worklist/).
 
 The only module that imports every stage. Each stage runs in its own thread and talks to the next only
 through the job store, so a crash anywhere resumes from the last committed state on restart.
@@ -53,6 +54,8 @@ from dicom_ai_node.runtime.device import DeviceBusy
 from dicom_ai_node.receive.pool import ReceiverPool
 from dicom_ai_node.receive.scp import Receiver
 from dicom_ai_node.route import header_values, parse_condition, route
+from dicom_ai_node.worklist.batch import BatchRunner
+from dicom_ai_node.worklist.schedule import BatchScheduler
 
 log = logging.getLogger("dicom_ai_node.service")
 
@@ -259,6 +262,7 @@ class NodeService:
             ReceiverPool(config, self.store, config.node.receive_processes)
             if config.node.receive_processes > 1 else Receiver(config, self.store, self.audit))
         self.dispatcher = Dispatcher(config, self.store, self.audit)
+        self.batch = BatchScheduler(BatchRunner(config, self.store, self.audit), config.batch)
         self.completion = completion_policy(config)
         self._count_hints = CountHintHeaders(self.store)
         self._decoded_ahead: dict[str, tuple[int, int, float]] = {}  # series -> (revision, instances, last)
@@ -300,9 +304,11 @@ class NodeService:
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.batch.start()  # pulls arrive through the receiver, which is listening by now
 
     def stop(self) -> None:
         self._stop.set()
+        self.batch.stop()
         for wake in (self._work_queued, self._sends_queued, self._assemble_wake):
             wake.set()
         self.receiver.stop()

@@ -12,6 +12,8 @@ States
           input refused by QC with qc.no_result_sr: its no-result SR is sent as above, the reason in last_error
   sends:  queued -> sent | dead                     (dead after the maximum age or attempts)
   destinations: a circuit breaker per destination (closed, or open until a time)
+  batch runs:   running -> done | failed | stopped   (a run's heartbeat shows it alive; one run per job)
+  batch studies: queued -> moving -> done | failed   (done: pulled in full, never pulled again from that source)
 """
 from __future__ import annotations
 
@@ -109,6 +111,34 @@ CREATE TABLE IF NOT EXISTS journals (
     last_error TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS batch_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    source TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    finished REAL,
+    found INTEGER NOT NULL DEFAULT 0,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS batch_runs_job ON batch_runs(job, state);
+CREATE TABLE IF NOT EXISTS batch_studies (
+    run_id INTEGER NOT NULL REFERENCES batch_runs(id),
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    series_total INTEGER NOT NULL DEFAULT 0,
+    series_done INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    warning INTEGER NOT NULL DEFAULT 0,
+    remaining INTEGER,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL,
+    PRIMARY KEY (run_id, study_uid)
+);
+CREATE INDEX IF NOT EXISTS batch_studies_study ON batch_studies(study_uid, state);
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
@@ -177,6 +207,34 @@ class DestinationRow:
     name: str
     consecutive_failures: int
     open_until: float
+    last_error: str
+
+
+@dataclass(frozen=True)
+class BatchRunRow:
+    id: int
+    job: str
+    source: str
+    trigger: str  # "schedule" | "command"
+    state: str
+    started: float
+    heartbeat: float
+    finished: float | None
+    found: int  # studies the query matched (at most the job's max_studies)
+    note: str
+
+
+@dataclass(frozen=True)
+class BatchStudyRow:
+    run_id: int
+    study_uid: str
+    state: str
+    series_total: int
+    series_done: int
+    completed: int  # C-MOVE sub-operations: instances the PACS delivered, failed to deliver, delivered with warning
+    failed: int
+    warning: int
+    remaining: int | None  # of the series being moved, as the PACS last reported
     last_error: str
 
 
@@ -721,6 +779,75 @@ class JobStore:
                 " open_until=excluded.open_until, last_error=excluded.last_error, updated=excluded.updated",
                 (name, failures, open_until, error[:2000], now),
             )
+
+    # -- batch pulls (worklist/batch.py) ----------------------------------------------------------------
+
+    def start_batch_run(self, job: str, source: str, trigger: str, stale_after_s: float,
+                        now: float | None = None) -> BatchRunRow | None:
+        """A new running run of `job`, or None while another run of it is alive (its heartbeat younger than
+        `stale_after_s`); a run whose heartbeat is older died with its process and is marked stopped."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            alive = db.execute("SELECT id FROM batch_runs WHERE job=? AND state='running' AND heartbeat>=?",
+                               (job, now - stale_after_s)).fetchone()
+            if alive is not None:
+                return None
+            db.execute("UPDATE batch_runs SET state='stopped', finished=?, note='the process running it stopped'"
+                       " WHERE job=? AND state='running'", (now, job))
+            run_id = db.execute("INSERT INTO batch_runs(job, source, trigger, state, started, heartbeat)"
+                                " VALUES (?,?,?,'running',?,?)", (job, source, trigger, now, now)).lastrowid
+        return self.batch_run(run_id)
+
+    def batch_run(self, run_id: int) -> BatchRunRow:
+        row = self._db().execute("SELECT * FROM batch_runs WHERE id=?", (run_id,)).fetchone()
+        return BatchRunRow(*(row[k] for k in BatchRunRow.__dataclass_fields__))
+
+    def batch_runs(self, limit: int = 20) -> list[BatchRunRow]:
+        rows = self._db().execute("SELECT * FROM batch_runs ORDER BY id DESC LIMIT ?", (limit,))
+        return [BatchRunRow(*(r[k] for k in BatchRunRow.__dataclass_fields__)) for r in rows]
+
+    def finish_batch_run(self, run_id: int, state: str, note: str = "", now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE batch_runs SET state=?, note=?, finished=?, heartbeat=? WHERE id=?",
+                       (state, note[:2000], now, now, run_id))
+
+    def queue_batch_studies(self, run_id: int, study_uids: Sequence[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE batch_runs SET found=?, heartbeat=? WHERE id=?", (len(study_uids), now, run_id))
+            db.executemany("INSERT OR IGNORE INTO batch_studies(run_id, study_uid, state, updated) VALUES (?,?,'queued',?)",
+                           [(run_id, uid, now) for uid in study_uids])
+
+    def pulled_studies(self, source: str, study_uids: Sequence[str]) -> set[str]:
+        """Those of `study_uids` that a batch run already pulled in full from `source`."""
+        found: set[str] = set()
+        for start in range(0, len(study_uids), 500):
+            chunk = list(study_uids[start:start + 500])
+            rows = self._db().execute(
+                "SELECT s.study_uid FROM batch_studies s JOIN batch_runs r ON r.id = s.run_id WHERE r.source=?"
+                f" AND s.state='done' AND s.study_uid IN ({','.join('?' * len(chunk))})", (source, *chunk))
+            found.update(r["study_uid"] for r in rows)
+        return found
+
+    def update_batch_study(self, run_id: int, study_uid: str, now: float | None = None, **values: Any) -> None:
+        """Set the columns `values` (state, series_total, series_done, completed, failed, warning, remaining,
+        last_error) of one study of a run; beats the run's heartbeat."""
+        now = time.time() if now is None else now
+        unknown = set(values) - (set(BatchStudyRow.__dataclass_fields__) - {"run_id", "study_uid"})
+        if unknown:
+            raise ValueError(f"not a column of a batch study: {sorted(unknown)}")
+        if "last_error" in values:
+            values["last_error"] = str(values["last_error"])[:2000]
+        columns = ", ".join(f"{k}=?" for k in values)
+        with self._tx() as db:
+            db.execute(f"UPDATE batch_studies SET {columns}, updated=? WHERE run_id=? AND study_uid=?",
+                       (*values.values(), now, run_id, study_uid))
+            db.execute("UPDATE batch_runs SET heartbeat=? WHERE id=?", (now, run_id))
+
+    def batch_studies(self, run_id: int) -> list[BatchStudyRow]:
+        rows = self._db().execute("SELECT * FROM batch_studies WHERE run_id=? ORDER BY rowid", (run_id,))
+        return [BatchStudyRow(*(r[k] for k in BatchStudyRow.__dataclass_fields__)) for r in rows]
 
     # -- retention -------------------------------------------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""Query/Retrieve as a service class user, Study Root: C-FIND at STUDY and SERIES level, C-MOVE by series.
+
+One association per batch run; every failure is a `QueryRetrieveError` that names the peer and what it did
+(rejected, aborted, a status), never the identifier's values.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind as FIND,
+    StudyRootQueryRetrieveInformationModelMove as MOVE,
+)
+
+from dicom_ai_node.config import NodeConfig, Peer
+from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
+from dicom_ai_node.worklist.query import PENDING_STATUSES, STATUS_SUCCESS, move_failure, move_identifier
+
+log = logging.getLogger("dicom_ai_node.worklist")
+
+
+@dataclass(frozen=True)
+class MoveProgress:
+    """The sub-operation counts of one C-MOVE, as its latest response gave them."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    remaining: int | None = None
+
+
+class QueryRetrieveError(RuntimeError):
+    """The source did not answer a query or a move; str() is for the operator (no identifier values).
+    `progress`: what a failed move had delivered."""
+
+    def __init__(self, message: str, progress: MoveProgress = MoveProgress()) -> None:
+        super().__init__(message)
+        self.progress = progress
+
+
+def _count(status: Dataset, keyword: str) -> int | None:
+    value = status.get(keyword)
+    return None if value is None else int(value)
+
+
+def move_progress(status: Dataset) -> MoveProgress:
+    return MoveProgress(_count(status, "NumberOfCompletedSuboperations") or 0,
+                        _count(status, "NumberOfFailedSuboperations") or 0,
+                        _count(status, "NumberOfWarningSuboperations") or 0,
+                        _count(status, "NumberOfRemainingSuboperations"))
+
+
+class QueryRetrieve:
+    """An association with `peer` for C-FIND and C-MOVE; use as a context manager."""
+
+    def __init__(self, config: NodeConfig, peer: Peer) -> None:
+        self.config = config
+        self.peer = peer
+        self.move_destination = config.node.ae_title
+        self._assoc = None
+
+    def __enter__(self) -> "QueryRetrieve":
+        ae = AE(ae_title=self.config.node.ae_title)
+        timeout = self.config.dispatch.timeout_s
+        ae.network_timeout = ae.acse_timeout = timeout
+        # A move of a large series answers its final status only after the last sub-operation: pending
+        # responses come at every instance, so the DIMSE timeout bounds the gap between two of them.
+        ae.dimse_timeout = timeout
+        ae.add_requested_context(FIND)
+        ae.add_requested_context(MOVE)
+        attempt = AssociationAttempt()
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
+                             evt_handlers=attempt.handlers)
+        if not assoc.is_established:
+            raise QueryRetrieveError(f"association with {self.where}: {attempt.failure(assoc)}")
+        keep_responses_for_the_requestor(assoc)
+        self._assoc = assoc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+
+    @property
+    def where(self) -> str:
+        return f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port}"
+
+    def abort(self) -> None:
+        """Abort the association from another thread (the node is stopping); the current call raises."""
+        assoc = self._assoc
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        """Every matching answer of a C-FIND; QueryRetrieveError when the search does not end in success."""
+        answers = []
+        for status, answer in self._established().send_c_find(identifier, FIND):
+            code = int(status.Status) if "Status" in status else None
+            if code in PENDING_STATUSES:
+                if answer is not None:
+                    answers.append(answer)
+                continue
+            if code == STATUS_SUCCESS:
+                return answers
+            raise QueryRetrieveError(self._failed("C-FIND", identifier, code))
+        raise QueryRetrieveError(self._failed("C-FIND", identifier, None))
+
+    def move_series(self, study_uid: str, series_uid: str,
+                    on_progress: Callable[[MoveProgress], None]) -> MoveProgress:
+        """C-MOVE one series to the node; `on_progress` gets every pending response's counts. Returns the
+        final counts on success; QueryRetrieveError (with the counts so far in its text) otherwise."""
+        last = MoveProgress()
+        for status, _ in self._move(study_uid, series_uid):
+            code = int(status.Status) if "Status" in status else None
+            if code is None:
+                break
+            last = move_progress(status) if any(k in status for k in (
+                "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations")) else last
+            if code in PENDING_STATUSES:
+                on_progress(last)
+                continue
+            if code == STATUS_SUCCESS and last.failed == 0:
+                return last
+            counts = f"{last.completed} delivered, {last.failed} failed, {last.warning} with warnings"
+            raise QueryRetrieveError(f"series {series_uid} from {self.where}: "
+                                     f"{move_failure(code, self.move_destination, str(status.get('ErrorComment', '')))} ({counts})", last)
+        raise QueryRetrieveError(f"series {series_uid} from {self.where}: no final C-MOVE response, "
+                                 f"{self._lost()}", last)
+
+    def _move(self, study_uid: str, series_uid: str) -> Iterator[tuple[Dataset, Dataset | None]]:
+        return self._established().send_c_move(move_identifier(study_uid, series_uid), self.move_destination, MOVE)
+
+    def _established(self):
+        if self._assoc is None or not self._assoc.is_established:
+            raise QueryRetrieveError(f"association with {self.where} lost")
+        return self._assoc
+
+    def _lost(self) -> str:
+        if self._assoc is not None and self._assoc.is_aborted:
+            return (f"the PACS aborted the association (does it allow queries and moves from "
+                    f"{self.config.node.ae_title}?)")
+        return "no response within the timeout, or the association was lost"
+
+    def _failed(self, service: str, identifier: Dataset, code: int | None) -> str:
+        level = identifier.get("QueryRetrieveLevel", "")
+        if code is None:
+            return f"{service} at {level} level from {self.where}: {self._lost()}"
+        return f"{service} at {level} level from {self.where}: status 0x{code:04X}"

@@ -1,0 +1,129 @@
+"""Query/Retrieve identifiers and answers of batch jobs, as pure functions (tests cover them exhaustively).
+
+Only UIDs, dates, modalities and counts are asked for and read: the node never needs a patient's name or
+ID to pull a study, so none reaches its logs or state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Iterable
+
+from pydicom.dataset import Dataset
+
+from dicom_ai_node.config import DERIVED_MODALITIES, BatchJob
+
+STATUS_SUCCESS = 0x0000
+STATUS_CANCELLED = 0xFE00
+PENDING_STATUSES = {0xFF00, 0xFF01}
+MOVE_FAILURES = {
+    0xA701: "the PACS is out of resources: it cannot count the instances to move",
+    0xA702: "the PACS is out of resources: it cannot start the sub-operations",
+    0xA801: "the PACS does not know the move destination {ae}: add the node to the PACS's DICOM nodes "
+            "(AE title {ae}, this host, the node's port)",
+    0xA900: "the PACS says the identifier does not match the SOP class",
+    STATUS_CANCELLED: "the move was cancelled",
+    0xB000: "the PACS could not deliver some instances to {ae} (is the node running, and reachable from the "
+            "PACS at the host and port it has for {ae}?)",
+}
+
+
+def study_date_range(days: int, today: date) -> str:
+    """The DICOM date range of the last `days` days, today included: 1 -> today only."""
+    first = today - timedelta(days=days - 1)
+    return f"{first:%Y%m%d}-{today:%Y%m%d}"
+
+
+def study_identifier(job: BatchJob, today: date) -> Dataset:
+    """The STUDY level C-FIND identifier of `job`: its matching keys, and the return keys the run needs."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    ds.StudyDate = study_date_range(job.study_days, today) if job.study_days else ""
+    ds.ModalitiesInStudy = ""
+    ds.NumberOfStudyRelatedInstances = ""
+    for keyword, value in job.query.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def series_identifier(job: BatchJob, study_uid: str) -> Dataset:
+    """The SERIES level C-FIND identifier of one study's series, with `job`'s series matching keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = ""
+    ds.Modality = ""
+    ds.NumberOfSeriesRelatedInstances = ""
+    for keyword, value in job.series.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def move_identifier(study_uid: str, series_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    return ds
+
+
+@dataclass(frozen=True)
+class SeriesToPull:
+    series_uid: str
+    modality: str
+    instances: int | None  # as the PACS counts them (None when it does not say)
+
+
+def answered_uid(identifier: Dataset | None, keyword: str) -> str:
+    """The UID an answer carries under `keyword` ('' when it has none or an unusable one)."""
+    if identifier is None:
+        return ""
+    value = str(identifier.get(keyword, "") or "").strip().rstrip("\0")
+    return value if value and len(value) <= 64 and all(c.isdigit() or c == "." for c in value) else ""
+
+
+def answered_count(identifier: Dataset, keyword: str) -> int | None:
+    try:
+        value = identifier.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def studies_found(answers: Iterable[Dataset], limit: int) -> tuple[list[str], int]:
+    """(study UIDs in answer order, once each, at most `limit`; how many distinct studies matched)."""
+    seen: list[str] = []
+    for identifier in answers:
+        uid = answered_uid(identifier, "StudyInstanceUID")
+        if uid and uid not in seen:
+            seen.append(uid)
+    return seen[:limit], len(seen)
+
+
+def series_to_pull(job: BatchJob, answers: Iterable[Dataset]) -> list[SeriesToPull]:
+    """The series of a study's SERIES level answers that the job pulls: every one the PACS matched, less
+    derived objects (SEG, SR, ...: the node's own results among them) unless the job asks for a Modality."""
+    pulled: dict[str, SeriesToPull] = {}
+    for identifier in answers:
+        uid = answered_uid(identifier, "SeriesInstanceUID")
+        modality = str(identifier.get("Modality", "") or "").strip().upper()
+        if not uid or uid in pulled:
+            continue
+        if "Modality" not in job.series and modality in DERIVED_MODALITIES:
+            continue
+        pulled[uid] = SeriesToPull(uid, modality, answered_count(identifier, "NumberOfSeriesRelatedInstances"))
+    return list(pulled.values())
+
+
+def move_failure(status: int, move_destination: str, comment: str = "") -> str:
+    """What a final C-MOVE status other than success means, for the operator; `comment` is the PACS's
+    ErrorComment (LO, at most 64 characters: a reason, not data)."""
+    text = MOVE_FAILURES.get(status)
+    if text is None and 0xC000 <= status <= 0xCFFF:
+        # Orthanc, among others, answers so when it has no address for the move destination.
+        text = "the PACS could not process the move (does it know {ae} as a DICOM node, with this host and port?)"
+    if text is None:
+        text = "the PACS answered the move with a status the standard does not define for C-MOVE"
+    said = f'; the PACS says: "{comment.strip()[:64]}"' if comment.strip() else ""
+    return f"C-MOVE status 0x{status:04X}: {text.format(ae=move_destination)}{said}"

@@ -1,0 +1,287 @@
+"""Batch pulls from a PACS (worklist/): identifiers and answers (pure), the store's run records, and real
+C-FIND/C-MOVE against Orthanc, whose moved instances go through the node's receive path and pipelines."""
+from __future__ import annotations
+
+import threading
+from datetime import date
+
+import pytest
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from conftest import start_orthanc, wait_for
+from dicom_ai_node.cli import main
+from dicom_ai_node.config import BatchJob, ConfigError, parse_config
+from dicom_ai_node.jobs.store import JobStore
+from dicom_ai_node.phantom import make_chest_phantom
+from dicom_ai_node.phantom_xray import make_chest_radiograph
+from dicom_ai_node.worklist.batch import BatchError, BatchRunner
+from dicom_ai_node.worklist.query import (
+    move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
+)
+from dicom_ai_node.worklist.schedule import trigger_of
+
+PEERS = "peers: [{ae_title: PACS, host: 127.0.0.1, port: 4242}]\n"
+
+
+def job(**fields) -> BatchJob:
+    return BatchJob.model_validate({"name": "j", "source": "PACS", **fields})
+
+
+def answer(**values) -> Dataset:
+    """An answer as a PACS's would be read; bytes values stay raw (malformed ones fail only when read)."""
+    ds = Dataset()
+    for keyword, value in values.items():
+        if isinstance(value, bytes):
+            tag = Tag(keyword)
+            ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, True, True)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+# -- identifiers and answers ---------------------------------------------------------------------------
+
+def test_study_date_range_counts_today_as_the_first_day():
+    assert study_date_range(1, date(2026, 12, 2)) == "20261202-20261202"
+    assert study_date_range(7, date(2026, 3, 2)) == "20260224-20260302"  # across a month end
+
+
+def test_study_identifier_has_the_jobs_keys_and_the_return_keys():
+    ds = study_identifier(job(query={"ModalitiesInStudy": "CT", "StudyDescription": "*CHEST*"}, study_days=2),
+                          date(2026, 1, 1))
+    assert ds.QueryRetrieveLevel == "STUDY"
+    assert ds.ModalitiesInStudy == "CT" and ds.StudyDescription == "*CHEST*"
+    assert ds.StudyDate == "20251231-20260101"
+    assert ds.StudyInstanceUID == "" and "NumberOfStudyRelatedInstances" in ds
+    assert "PatientName" not in ds and "PatientID" not in ds  # nothing the pull does not need
+    assert study_identifier(job(), date(2026, 1, 1)).StudyDate == ""  # no date filter
+
+
+def test_series_identifier_is_scoped_to_its_study():
+    ds = series_identifier(job(series={"Modality": "CT", "SeriesDescription": "*LUNG*"}), "1.2.3")
+    assert (ds.QueryRetrieveLevel, ds.StudyInstanceUID, ds.Modality, ds.SeriesDescription) == (
+        "SERIES", "1.2.3", "CT", "*LUNG*")
+    assert ds.SeriesInstanceUID == ""
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the malformed answers are on purpose
+def test_studies_found_keeps_answer_order_once_each_and_the_limit():
+    answers = [answer(StudyInstanceUID=uid) for uid in ("1.2.3", "1.2.4", "1.2.3", b"not a uid", "1.2.5")]
+    answers.append(answer(StudyDate="20260101"))  # no UID at all
+    assert studies_found(answers, limit=2) == (["1.2.3", "1.2.4"], 3)
+    assert studies_found(answers, limit=10) == (["1.2.3", "1.2.4", "1.2.5"], 3)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_series_to_pull_leaves_derived_objects_unless_asked_for():
+    answers = [answer(SeriesInstanceUID="1.1", Modality="CT", NumberOfSeriesRelatedInstances="40"),
+               answer(SeriesInstanceUID="1.2", Modality="SEG", NumberOfSeriesRelatedInstances="1"),
+               answer(SeriesInstanceUID="1.3", Modality="SR"),
+               answer(SeriesInstanceUID="1.1", Modality="CT"),
+               answer(SeriesInstanceUID="1.4", Modality="CT", NumberOfSeriesRelatedInstances=b"many")]
+    pulled = series_to_pull(job(), answers)
+    assert [(s.series_uid, s.modality, s.instances) for s in pulled] == [("1.1", "CT", 40), ("1.4", "CT", None)]
+    asked = series_to_pull(job(series={"Modality": "SEG"}), [answers[1]])
+    assert [s.series_uid for s in asked] == ["1.2"]
+
+
+def test_move_failures_tell_the_operator_what_to_do():
+    assert "add the node to the PACS's DICOM nodes (AE title NODE" in move_failure(0xA801, "NODE")
+    assert move_failure(0xA801, "NODE").startswith("C-MOVE status 0xA801: ")
+    assert "could not deliver some instances to NODE" in move_failure(0xB000, "NODE")
+    assert "could not process" in move_failure(0xC123, "NODE")
+    assert "does not define" in move_failure(0x1234, "NODE")
+
+
+# -- configuration and schedules -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: j, source: OTHER}", "source 'OTHER' is not a configured peer"),
+    ("{name: j, source: PACS, cron: '61 * * * *'}", "is not a crontab line"),
+    ("{name: j, source: PACS, cron: '0 2 * * *', every_minutes: 5}", "cron or every_minutes, not both"),
+    ("{name: j, source: PACS, study_days: 1, query: {StudyDate: '20260101'}}", "study_days or a StudyDate"),
+    ("{name: j, source: PACS, query: {StudyDescripton: CT}}", "'StudyDescripton' is not a DICOM keyword"),
+    ("{name: j, source: PACS, series: {Modality: [CT, MR]}}", "give one matching value as a string"),
+    ("{name: j, source: PACS, query: {StudyInstanceUID: 1.2.3}}", "is set by the node"),
+    ("{name: j, source: PACS, every_minutes: 0}", "greater than 0"),
+])
+def test_batch_configuration_errors_name_the_key(entry, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(PEERS + f"batch:\n  - {entry}\n", "node.yaml")
+    text = str(err.value)
+    assert message in text
+    assert text.startswith("node.yaml:") and ("batch.0" in text or "batch[0] (j)" in text)
+
+
+def test_two_batch_jobs_may_not_share_a_name():
+    with pytest.raises(ConfigError, match="two jobs share one name"):
+        parse_config(PEERS + "batch: [{name: j, source: PACS}, {name: j, source: PACS}]\n")
+
+
+def test_triggers_follow_the_schedule_keys():
+    assert isinstance(trigger_of(job(cron="30 1 * * 1-5")), CronTrigger)
+    interval = trigger_of(job(every_minutes=0.5))
+    assert isinstance(interval, IntervalTrigger) and interval.interval.total_seconds() == 30
+    assert trigger_of(job()) is None
+
+
+# -- run records ------------------------------------------------------------------------------------------
+
+def test_one_run_of_a_job_at_a_time_and_a_dead_ones_run_is_stopped(tmp_path):
+    store = JobStore(tmp_path / "state.sqlite3")
+    first = store.start_batch_run("j", "PACS", "schedule", stale_after_s=300, now=1000.0)
+    assert first is not None and first.state == "running"
+    assert store.start_batch_run("j", "PACS", "command", stale_after_s=300, now=1100.0) is None
+    assert store.start_batch_run("other", "PACS", "command", stale_after_s=300, now=1100.0) is not None
+    later = store.start_batch_run("j", "PACS", "command", stale_after_s=300, now=1400.0)  # heartbeat 400 s old
+    assert later is not None
+    dead = store.batch_run(first.id)
+    assert dead.state == "stopped" and "process running it stopped" in dead.note
+
+
+def test_pulled_studies_are_those_done_from_that_source(tmp_path):
+    store = JobStore(tmp_path / "state.sqlite3")
+    run = store.start_batch_run("j", "PACS", "command", stale_after_s=300)
+    store.queue_batch_studies(run.id, ["1.1", "1.2", "1.3"])
+    store.update_batch_study(run.id, "1.1", state="done", completed=40)
+    store.update_batch_study(run.id, "1.2", state="failed", last_error="C-MOVE status 0xA801")
+    assert store.pulled_studies("PACS", ["1.1", "1.2", "1.3", "1.4"]) == {"1.1"}
+    assert store.pulled_studies("OTHER", ["1.1"]) == set()
+    with pytest.raises(ValueError, match="not a column"):
+        store.update_batch_study(run.id, "1.1", remainder=2)
+
+
+# -- against a real PACS ---------------------------------------------------------------------------------
+
+def node_with_batch(start_node, orthanc, extra: str = ""):
+    return start_node(f"""
+peers:
+  - ae_title: {orthanc.aet}
+    host: 127.0.0.1
+    port: {orthanc.dicom_port}
+batch:
+  - name: chest-ct
+    source: {orthanc.aet}
+    query: {{ModalitiesInStudy: CT}}
+{extra}""")
+
+
+def upload(orthanc, phantom, folder) -> list:
+    paths = phantom.write(folder)
+    for path in paths:
+        orthanc.upload(path)
+    return paths
+
+
+@pytest.mark.integration
+def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, start_node, tmp_path, capsys):
+    node = node_with_batch(start_node, orthanc)
+    orthanc.add_modality("ainode", node.config.node.ae_title, node.port)
+    ct = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-ct")
+    sources = upload(orthanc, ct, tmp_path / "ct")
+    upload(orthanc, make_chest_radiograph(uid_seed="batch-xr"), tmp_path / "xr")  # ModalitiesInStudy DX
+    study_uid = str(ct.datasets[0].StudyInstanceUID)
+
+    assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 studies matched; pulling 1" in out
+    assert f"study {study_uid} (1/1): series 1/1 CT, {len(sources)} instances delivered, 0 failed" in out
+    [run] = node.store.batch_runs()
+    assert (run.state, run.trigger, run.found) == ("done", "command", 1)
+    [study] = node.store.batch_studies(run.id)
+    assert (study.study_uid, study.state, study.series_done, study.completed, study.failed) == (
+        study_uid, "done", 1, len(sources), 0)
+    [series] = [s for s in node.store.all_series() if s.study_uid == study_uid]
+    assert series.instances == len(sources) and series.calling_ae == orthanc.aet
+
+    def results_in_orthanc():  # SEG + SR + SC of ct_lung, sent back to the PACS the study came from
+        found = orthanc.instances_of_study(study_uid)
+        return found if len(found) >= len(sources) + 3 else None
+
+    wait_for(results_in_orthanc, timeout=180, what="the pulled study's results in Orthanc")
+    wait_for(lambda: all(j.state == "done" for j in node.store.jobs()), timeout=60, what="the job done")
+
+    # The next run finds the study again (with its results now), and leaves it: pulled before.
+    assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
+    assert "1 studies matched, 1 pulled before; pulling 0" in capsys.readouterr().out
+    assert [s.revision for s in node.store.all_series() if s.study_uid == study_uid] == [series.revision]
+    assert len(orthanc.instances_of_study(study_uid)) == len(sources) + 3  # nothing sent twice
+    assert len(node.store.jobs()) == 1
+
+    assert main(["status", "--config", str(node.config_path)]) == 0
+    status = capsys.readouterr().out
+    assert "BATCH RUNS" in status and f"study {study_uid}  done     series 1/1, {len(sources)} instances" in status
+    assert main(["batch", "list", "--config", str(node.config_path)]) == 0
+    assert "chest-ct: from ORTHANC, on command only; matching ModalitiesInStudy='CT'" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_a_pacs_that_does_not_know_the_node_fails_the_study_with_what_to_fix(start_node, tmp_path):
+    # Orthanc answers C-FIND and C-MOVE from any AE here, but has no address for the move destination.
+    orthanc = start_orthanc(tmp_path / "pacs", "open-pacs", DicomAlwaysAllowFind=True, DicomAlwaysAllowMove=True)
+    node = node_with_batch(start_node, orthanc)
+    ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-unknown")
+    upload(orthanc, ct, tmp_path / "ct")
+    runner = BatchRunner(node.config, node.store, node.audit)
+    run = runner.run("chest-ct")
+    assert run.state == "failed"
+    [study] = node.store.batch_studies(run.id)
+    assert study.state == "failed" and "C-MOVE status 0x" in study.last_error, study.last_error
+    assert "DICOM_AI_NODE" in study.last_error and "first: series" in run.note
+    assert node.store.all_series() == []
+
+    # Once the PACS knows the node, the next run pulls the study that failed.
+    orthanc.add_modality("ainode", node.config.node.ae_title, node.port)
+    again = runner.run("chest-ct")
+    assert again.state == "done", again.note
+    assert [s.state for s in node.store.batch_studies(again.id)] == ["done"]
+    orthanc.stop()
+
+
+@pytest.mark.integration
+def test_a_run_stopped_with_the_node_leaves_its_studies_to_the_next(orthanc, start_node, tmp_path):
+    node = node_with_batch(start_node, orthanc)
+    orthanc.add_modality("ainode", node.config.node.ae_title, node.port)
+    ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-stop")
+    upload(orthanc, ct, tmp_path / "ct")
+    runner = BatchRunner(node.config, node.store, node.audit)
+    stopping = threading.Event()
+    stopping.set()  # the node began to stop while the run queried
+    run = runner.run("chest-ct", stop=stopping)
+    assert run.state == "stopped" and "the rest is pulled by the next run" in run.note
+    assert [s.state for s in node.store.batch_studies(run.id)] == ["queued"]
+    assert runner.run("chest-ct").state == "done"
+    runner.abort_active()  # nothing running: nothing to abort
+
+
+@pytest.mark.integration
+def test_a_pacs_that_refuses_queries_from_the_node_is_named(orthanc, start_node):
+    node = node_with_batch(start_node, orthanc)  # this Orthanc answers C-FIND only from AEs it knows
+    run = BatchRunner(node.config, node.store, node.audit).run("chest-ct")
+    assert run.state == "failed"
+    assert run.note.startswith("C-FIND at STUDY level from ORTHANC at 127.0.0.1:"), run.note
+
+
+@pytest.mark.integration
+def test_a_pacs_that_is_down_fails_the_run_and_the_node_goes_on(orthanc, start_node):
+    node = node_with_batch(start_node, orthanc)
+    orthanc.stop()
+    run = BatchRunner(node.config, node.store, node.audit).run("chest-ct")
+    assert run.state == "failed"
+    assert run.note.startswith(f"association with ORTHANC at 127.0.0.1:{orthanc.dicom_port}: ")
+    with pytest.raises(BatchError, match="no batch job named 'nope' \\(batch jobs: chest-ct\\)"):
+        BatchRunner(node.config, node.store, node.audit).run("nope")
+
+
+@pytest.mark.integration
+def test_a_scheduled_job_runs_inside_the_node(orthanc, start_node):
+    node = node_with_batch(start_node, orthanc, "    every_minutes: 0.02\n")  # every 1.2 s
+    orthanc.add_modality("ainode", node.config.node.ae_title, node.port)  # so that it answers the node's C-FIND
+    runs = wait_for(lambda: [r for r in node.store.batch_runs() if r.state == "done"], timeout=30,
+                    what="a scheduled batch run")
+    assert runs[0].trigger == "schedule" and runs[0].note.startswith("0 studies matched")
