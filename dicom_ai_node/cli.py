@@ -221,7 +221,8 @@ def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
         for study in store.batch_studies(run.id):
             series = f"series {study.series_done}/{study.series_total}" if study.series_total else "series ?"
             moving = f", {study.remaining} remaining" if study.state == "moving" and study.remaining else ""
-            error = f"  error: {study.last_error}" if study.last_error else ""
+            label = "note" if study.state in ("waiting", "skipped") else "error"
+            error = f"  {label}: {study.last_error}" if study.last_error else ""
             lines.append(f"    study {study.study_uid}  {study.state:<8} {series}, {study.completed} instances "
                          f"delivered, {study.failed} failed{moving}{error}")
         if len([line for line in lines if line.startswith("  run")]) >= limit:

@@ -230,6 +230,20 @@ def _check_query_keys(keys: dict[str, Any], level: str) -> dict[str, str]:
     return checked
 
 
+class WorklistSource(Strict):
+    """Where a batch job's studies come from when they are scheduled, not yet searched for: a Modality
+    Worklist (C-FIND). Keys of a Scheduled Procedure Step (Modality, ScheduledStationAETitle, ...) match in
+    its sequence item, the others at the top level."""
+
+    source: str = Field(pattern=AE_TITLE_PATTERN)  # a configured peer answering Modality Worklist C-FIND
+    query: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("query")
+    @classmethod
+    def _keys(cls, keys: dict[str, Any]) -> dict[str, str]:
+        return _check_query_keys(keys, "worklist query")
+
+
 class BatchJob(Strict):
     """A pull from a PACS: C-FIND the studies matching `query` at `source`, C-MOVE their series to the node
     (which receives and processes them like pushed ones), on a schedule and/or with `dicom-ai-node batch run`.
@@ -240,6 +254,9 @@ class BatchJob(Strict):
     query: dict[str, Any] = Field(default_factory=dict)  # STUDY level matching keys, e.g. ModalitiesInStudy: CT
     series: dict[str, Any] = Field(default_factory=dict)  # SERIES level matching keys, e.g. Modality: CT
     study_days: int | None = Field(None, ge=1)  # StudyDate in the last N days, today included (1: today)
+    # The studies are those scheduled in a worklist (study_days: by procedure step start date), each pulled
+    # from `source` once it is there; `query` is then not used.
+    worklist: WorklistSource | None = None
     cron: str | None = None  # crontab line in the node's local time, e.g. "0 2 * * *"
     every_minutes: float | None = Field(None, gt=0)
     max_studies: int = Field(100, ge=1)  # per run; the rest are pulled by the next run
@@ -272,6 +289,11 @@ class BatchJob(Strict):
             raise ValueError("give cron or every_minutes, not both")
         if self.study_days is not None and "StudyDate" in self.query:
             raise ValueError("give study_days or a StudyDate query key, not both")
+        if self.worklist is not None and self.query:
+            raise ValueError("a worklist job takes its studies from the worklist: give its keys in worklist.query")
+        if self.worklist is not None and self.study_days is not None and (
+                "ScheduledProcedureStepStartDate" in self.worklist.query):
+            raise ValueError("give study_days or a ScheduledProcedureStepStartDate worklist key, not both")
         return self
 
 
@@ -308,6 +330,9 @@ class NodeConfig(Strict):
             if job.source not in names:
                 raise ValueError(f"batch[{i}] ({job.name}): source {job.source!r} is not a configured peer ae_title "
                                  "(the node accepts the moved instances only from a peer)")
+            if job.worklist is not None and job.worklist.source not in names:
+                raise ValueError(f"batch[{i}] ({job.name}): worklist source {job.worklist.source!r} is not a "
+                                 "configured peer ae_title")
         return self
 
     def batch_job(self, name: str) -> BatchJob | None:

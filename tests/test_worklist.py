@@ -2,8 +2,11 @@
 C-FIND/C-MOVE against Orthanc, whose moved instances go through the node's receive path and pipelines."""
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 from datetime import date
+from pathlib import Path
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
@@ -13,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from conftest import start_orthanc, wait_for
+from conftest import echoscu, free_port, require_tool, start_orthanc, wait_for
 from dicom_ai_node.cli import main
 from dicom_ai_node.config import BatchJob, ConfigError, parse_config
 from dicom_ai_node.jobs.store import JobStore
@@ -22,6 +25,7 @@ from dicom_ai_node.phantom_xray import make_chest_radiograph
 from dicom_ai_node.worklist.batch import BatchError, BatchRunner
 from dicom_ai_node.worklist.query import (
     move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
+    worklist_identifier,
 )
 from dicom_ai_node.worklist.schedule import trigger_of
 
@@ -60,6 +64,19 @@ def test_study_identifier_has_the_jobs_keys_and_the_return_keys():
     assert ds.StudyInstanceUID == "" and "NumberOfStudyRelatedInstances" in ds
     assert "PatientName" not in ds and "PatientID" not in ds  # nothing the pull does not need
     assert study_identifier(job(), date(2026, 1, 1)).StudyDate == ""  # no date filter
+
+
+def test_worklist_identifier_matches_step_keys_in_the_step():
+    ds = worklist_identifier(job(worklist={"source": "RIS", "query": {
+        "Modality": "CT", "ScheduledStationAETitle": "CT1", "RequestedProcedureDescription": "*CHEST*"}},
+        study_days=1), date(2026, 12, 2))
+    [step] = ds.ScheduledProcedureStepSequence
+    assert (step.Modality, step.ScheduledStationAETitle) == ("CT", "CT1")
+    assert step.ScheduledProcedureStepStartDate == "20261202-20261202"
+    assert ds.RequestedProcedureDescription == "*CHEST*" and ds.StudyInstanceUID == ""
+    assert "PatientName" not in ds and "PatientID" not in ds and "AccessionNumber" not in ds
+    bare = worklist_identifier(job(worklist={"source": "RIS"}), date(2026, 12, 2))
+    assert bare.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate == ""
 
 
 def test_series_identifier_is_scoped_to_its_study():
@@ -109,6 +126,10 @@ def test_move_failures_tell_the_operator_what_to_do():
     ("{name: j, source: PACS, series: {Modality: [CT, MR]}}", "give one matching value as a string"),
     ("{name: j, source: PACS, query: {StudyInstanceUID: 1.2.3}}", "is set by the node"),
     ("{name: j, source: PACS, every_minutes: 0}", "greater than 0"),
+    ("{name: j, source: PACS, worklist: {source: RIS}}", "worklist source 'RIS' is not a configured peer"),
+    ("{name: j, source: PACS, worklist: {source: PACS}, query: {Modality: CT}}", "give its keys in worklist.query"),
+    ("{name: j, source: PACS, study_days: 1, worklist: {source: PACS, query: {ScheduledProcedureStepStartDate: "
+     "'20260101'}}}", "study_days or a ScheduledProcedureStepStartDate"),
 ])
 def test_batch_configuration_errors_name_the_key(entry, message):
     with pytest.raises(ConfigError) as err:
@@ -285,3 +306,84 @@ def test_a_scheduled_job_runs_inside_the_node(orthanc, start_node):
     runs = wait_for(lambda: [r for r in node.store.batch_runs() if r.state == "done"], timeout=30,
                     what="a scheduled batch run")
     assert runs[0].trigger == "schedule" and runs[0].note.startswith("0 studies matched")
+
+
+@pytest.fixture
+def worklist_scp(tmp_path):
+    """DCMTK's Modality Worklist SCP (wlmscpfs) answering as WORKLIST from the .wl files in a folder."""
+    root = tmp_path / "worklists"
+    folder = root / "WORKLIST"
+    folder.mkdir(parents=True)
+    (folder / "lockfile").touch()  # wlmscpfs serves a called AE title's folder only with this file in it
+    port = free_port()
+    with open(tmp_path / "wlmscpfs.log", "wb") as log:
+        process = subprocess.Popen([require_tool("wlmscpfs"), "-dfr", "-dfp", str(root), str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: echoscu(port, "DICOM_AI_NODE", "WORKLIST").returncode == 0, timeout=20,
+                 what="wlmscpfs answering")
+        yield folder, port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def scheduled_step(folder: Path, name: str, study_uid: str, modality: str, station: str, day: str) -> None:
+    """One worklist entry as a RIS would schedule it: a requested procedure with one procedure step."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Worklist^Test"
+    ds.PatientID = f"WL-{name}"
+    ds.AccessionNumber = f"ACC{name}"
+    ds.StudyInstanceUID = study_uid
+    ds.RequestedProcedureID = f"RP{name}"
+    ds.RequestedProcedureDescription = f"{modality} scheduled"
+    step = Dataset()
+    step.Modality = modality
+    step.ScheduledStationAETitle = station
+    step.ScheduledProcedureStepStartDate = day
+    step.ScheduledProcedureStepStartTime = "080000"
+    step.ScheduledProcedureStepID = f"SPS{name}"
+    step.ScheduledProcedureStepDescription = f"{modality} scheduled"
+    ds.ScheduledProcedureStepSequence = [step]
+    ds.save_as(folder / f"{name}.wl", implicit_vr=False, little_endian=True, enforce_file_format=False)
+
+
+@pytest.mark.integration
+def test_a_worklist_job_pulls_scheduled_studies_once_they_are_in_the_pacs(orthanc, start_node, tmp_path,
+                                                                          worklist_scp, capsys):
+    folder, port = worklist_scp
+    first = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="wl-1")
+    later = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="wl-2")
+    first_uid, later_uid = (str(p.datasets[0].StudyInstanceUID) for p in (first, later))
+    today = date.today().strftime("%Y%m%d")
+    scheduled_step(folder, "1", first_uid, "CT", "CT1", today)
+    scheduled_step(folder, "2", later_uid, "CT", "CT1", today)  # scheduled, not acquired yet
+    scheduled_step(folder, "3", "1.2.826.0.1.3680043.8.498.7", "MR", "MR1", today)  # another scanner's
+    upload(orthanc, first, tmp_path / "first")
+    node = start_node(f"""
+peers:
+  - {{ae_title: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.dicom_port}}}
+  - {{ae_title: WORKLIST, host: 127.0.0.1, port: {port}}}
+batch:
+  - name: scheduled-ct
+    source: {orthanc.aet}
+    worklist: {{source: WORKLIST, query: {{Modality: CT, ScheduledStationAETitle: CT1}}}}
+    study_days: 1
+""")
+    orthanc.add_modality("ainode", node.config.node.ae_title, node.port)
+    config = ["--config", str(node.config_path)]
+
+    assert main(["batch", "run", "scheduled-ct", *config]) == 0
+    out = capsys.readouterr().out
+    assert "2 scheduled studies matched; pulling 2" in out
+    assert re.search(rf"study {re.escape(later_uid)} \([12]/2\): not in ORTHANC yet", out), out  # worklist order
+    [run] = node.store.batch_runs()
+    assert "1 of 2 pulled (20 instances), 1 not in ORTHANC yet" in run.note
+    assert {s.study_uid: s.state for s in node.store.batch_studies(run.id)} == {first_uid: "done", later_uid: "waiting"}
+    assert {s.study_uid for s in node.store.all_series()} == {first_uid}
+
+    upload(orthanc, later, tmp_path / "later")  # acquired and archived since
+    assert main(["batch", "run", "scheduled-ct", *config]) == 0
+    assert "2 scheduled studies matched, 1 pulled before; pulling 1" in capsys.readouterr().out
+    assert {s.study_uid for s in node.store.all_series()} == {first_uid, later_uid}

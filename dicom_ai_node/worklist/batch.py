@@ -20,7 +20,9 @@ from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import BatchJob, NodeConfig
 from dicom_ai_node.jobs.store import BatchRunRow, JobStore
 from dicom_ai_node.worklist.qr import MoveProgress, QueryRetrieve, QueryRetrieveError
-from dicom_ai_node.worklist.query import series_identifier, series_to_pull, studies_found, study_identifier
+from dicom_ai_node.worklist.query import (
+    series_identifier, series_to_pull, studies_found, study_identifier, worklist_identifier,
+)
 
 log = logging.getLogger("dicom_ai_node.worklist")
 
@@ -44,6 +46,7 @@ class StudyPull:
     delivered: int
     failed: int
     error: str = ""
+    waiting: bool = False  # the source has no series of it yet
 
 
 def _nothing(_: str) -> None:
@@ -104,12 +107,16 @@ class BatchRunner:
              stop: threading.Event) -> tuple[str, str]:
         peer = self.config.peer(job.source)
         assert peer is not None  # config validation: a batch job's source is a peer
+        scheduled = self._scheduled_studies(job) if job.worklist is not None else None
         with QueryRetrieve(self.config, peer) as qr, self._tracked(qr):
-            uids, matched = studies_found(qr.find(study_identifier(job, date.today())), job.max_studies)
+            if scheduled is None:
+                uids, matched = studies_found(qr.find(study_identifier(job, date.today())), job.max_studies)
+            else:
+                uids, matched = scheduled
             pulled_before = set() if again else self.store.pulled_studies(job.source, uids)
             todo = [uid for uid in uids if uid not in pulled_before]
             self.store.queue_batch_studies(run_id, todo)
-            found = f"{matched} studies matched"
+            found = f"{matched} {'studies' if scheduled is None else 'scheduled studies'} matched"
             if matched > len(uids):
                 found += f", {len(uids)} taken (max_studies), the rest left for the next run"
             if pulled_before:
@@ -121,13 +128,24 @@ class BatchRunner:
                     break
                 pulls.append(self._pull_study(qr, run_id, job, study_uid, f"{number}/{len(todo)}", report, stop))
         failed = [p for p in pulls if p.error]
-        summary = (f"{found}; {len(pulls) - len(failed)} of {len(todo)} pulled "
+        waiting = sum(p.waiting for p in pulls)
+        summary = (f"{found}; {len(pulls) - len(failed) - waiting} of {len(todo)} pulled "
                    f"({sum(p.delivered for p in pulls)} instances)")
+        if waiting:
+            summary += f", {waiting} not in {job.source} yet (looked for again by the next run)"
         if stop.is_set():
             return "stopped", f"{summary}; stopped with the node, the rest is pulled by the next run"
         if failed:
             return "failed", f"{summary}; {len(failed)} failed, first: {failed[0].error}"
         return "done", summary
+
+    def _scheduled_studies(self, job: BatchJob) -> tuple[list[str], int]:
+        """The studies of the procedure steps that `job`'s worklist query matches."""
+        assert job.worklist is not None
+        peer = self.config.peer(job.worklist.source)
+        assert peer is not None  # config validation: a worklist source is a peer
+        with QueryRetrieve(self.config, peer, worklist=True) as worklist, self._tracked(worklist):
+            return studies_found(worklist.find(worklist_identifier(job, date.today())), job.max_studies)
 
     @contextmanager
     def _tracked(self, qr: QueryRetrieve) -> Iterator[None]:
@@ -144,10 +162,15 @@ class BatchRunner:
         update = lambda **values: self.store.update_batch_study(run_id, study_uid, **values)  # noqa: E731
         update(state="moving")
         try:
-            series = series_to_pull(job, qr.find(series_identifier(job, study_uid)))
+            answers = qr.find(series_identifier(job, study_uid))
         except QueryRetrieveError as exc:
             update(state="failed", last_error=str(exc))
             return StudyPull(study_uid, 0, 0, 0, str(exc))
+        if not answers:  # scheduled, not acquired (or not archived) yet: the next run looks again
+            update(state="waiting", last_error=f"{job.source} has no series of this study yet")
+            report(f"study {study_uid} ({position}): not in {job.source} yet")
+            return StudyPull(study_uid, 0, 0, 0, waiting=True)
+        series = series_to_pull(job, answers)
         if not series:
             update(state="skipped", last_error="no series to pull: none matched the job's series keys, or all "
                                                "are derived objects (SEG, SR, ...)")

@@ -1,4 +1,5 @@
-"""Query/Retrieve as a service class user, Study Root: C-FIND at STUDY and SERIES level, C-MOVE by series.
+"""Query/Retrieve as a service class user, Study Root: C-FIND at STUDY and SERIES level, C-MOVE by series;
+and Modality Worklist C-FIND (`QueryRetrieve(..., worklist=True)`).
 
 One association per batch run; every failure is a `QueryRetrieveError` that names the peer and what it did
 (rejected, aborted, a status), never the identifier's values.
@@ -12,6 +13,7 @@ from typing import Callable, Iterator
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind as WORKLIST_FIND,
     StudyRootQueryRetrieveInformationModelFind as FIND,
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
@@ -55,11 +57,13 @@ def move_progress(status: Dataset) -> MoveProgress:
 
 
 class QueryRetrieve:
-    """An association with `peer` for C-FIND and C-MOVE; use as a context manager."""
+    """An association with `peer` for C-FIND and C-MOVE (or, `worklist`, Modality Worklist C-FIND); use as a
+    context manager."""
 
-    def __init__(self, config: NodeConfig, peer: Peer) -> None:
+    def __init__(self, config: NodeConfig, peer: Peer, worklist: bool = False) -> None:
         self.config = config
         self.peer = peer
+        self.find_model = WORKLIST_FIND if worklist else FIND
         self.move_destination = config.node.ae_title
         self._assoc = None
 
@@ -70,8 +74,9 @@ class QueryRetrieve:
         # A move of a large series answers its final status only after the last sub-operation: pending
         # responses come at every instance, so the DIMSE timeout bounds the gap between two of them.
         ae.dimse_timeout = timeout
-        ae.add_requested_context(FIND)
-        ae.add_requested_context(MOVE)
+        ae.add_requested_context(self.find_model)
+        if self.find_model is FIND:
+            ae.add_requested_context(MOVE)
         attempt = AssociationAttempt()
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
                              evt_handlers=attempt.handlers)
@@ -99,7 +104,7 @@ class QueryRetrieve:
     def find(self, identifier: Dataset) -> list[Dataset]:
         """Every matching answer of a C-FIND; QueryRetrieveError when the search does not end in success."""
         answers = []
-        for status, answer in self._established().send_c_find(identifier, FIND):
+        for status, answer in self._established().send_c_find(identifier, self.find_model):
             code = int(status.Status) if "Status" in status else None
             if code in PENDING_STATUSES:
                 if answer is not None:
@@ -148,6 +153,7 @@ class QueryRetrieve:
 
     def _failed(self, service: str, identifier: Dataset, code: int | None) -> str:
         level = identifier.get("QueryRetrieveLevel", "")
+        what = f"{service} at {level} level" if level else f"{service} of the Modality Worklist"
         if code is None:
-            return f"{service} at {level} level from {self.where}: {self._lost()}"
-        return f"{service} at {level} level from {self.where}: status 0x{code:04X}"
+            return f"{what} from {self.where}: {self._lost()}"
+        return f"{what} from {self.where}: status 0x{code:04X}"

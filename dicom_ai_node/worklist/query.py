@@ -47,6 +47,29 @@ def study_identifier(job: BatchJob, today: date) -> Dataset:
     return ds
 
 
+# Attributes of a Scheduled Procedure Step (PS3.4 K.6.1.2.2): a worklist matches them in the step's item.
+SCHEDULED_STEP_KEYWORDS = frozenset({
+    "Modality", "ScheduledStationAETitle", "ScheduledStationName", "ScheduledProcedureStepLocation",
+    "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime", "ScheduledProcedureStepDescription",
+    "ScheduledProcedureStepID", "ScheduledProcedureStepStatus", "ScheduledPerformingPhysicianName",
+})
+
+
+def worklist_identifier(job: BatchJob, today: date) -> Dataset:
+    """The Modality Worklist C-FIND identifier of a worklist job: the StudyInstanceUIDs of the procedure
+    steps its keys match (study_days: steps scheduled to start in the last N days)."""
+    assert job.worklist is not None
+    step = Dataset()
+    step.Modality = ""
+    step.ScheduledProcedureStepStartDate = study_date_range(job.study_days, today) if job.study_days else ""
+    ds = Dataset()
+    ds.StudyInstanceUID = ""
+    for keyword, value in job.worklist.query.items():
+        setattr(step if keyword in SCHEDULED_STEP_KEYWORDS else ds, keyword, value)
+    ds.ScheduledProcedureStepSequence = [step]
+    return ds
+
+
 def series_identifier(job: BatchJob, study_uid: str) -> Dataset:
     """The SERIES level C-FIND identifier of one study's series, with `job`'s series matching keys."""
     ds = Dataset()
