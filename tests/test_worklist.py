@@ -22,6 +22,7 @@ from dicom_ai_node.config import BatchJob, ConfigError, parse_config
 from dicom_ai_node.jobs.store import JobStore
 from dicom_ai_node.phantom import make_chest_phantom
 from dicom_ai_node.phantom_xray import make_chest_radiograph
+from dicom_ai_node.worklist import batch
 from dicom_ai_node.worklist.batch import BatchError, BatchRunner
 from dicom_ai_node.worklist.query import (
     move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
@@ -200,7 +201,9 @@ def upload(orthanc, phantom, folder) -> list:
 
 
 @pytest.mark.integration
-def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, start_node, tmp_path, capsys):
+def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, start_node, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr(batch, "REPORT_EVERY_S", 0.0)  # a line at every pending C-MOVE response
     node = node_with_batch(start_node, orthanc)
     orthanc.add_modality("ainode", node.config.node.ae_title, node.port)
     ct = make_chest_phantom(slices=40, size=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-ct")
@@ -212,6 +215,7 @@ def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, st
     out = capsys.readouterr().out
     assert "1 studies matched; pulling 1" in out
     assert f"study {study_uid} (1/1): series 1/1 CT, {len(sources)} instances delivered, 0 failed" in out
+    assert re.search(rf"study {re.escape(study_uid)} \(1/1\): series 1/1 CT: \d+ delivered, \d+ to go", out), out
     [run] = node.store.batch_runs()
     assert (run.state, run.trigger, run.found) == ("done", "command", 1)
     [study] = node.store.batch_studies(run.id)

@@ -21,6 +21,7 @@ from dicom_ai_node.config import BatchJob, NodeConfig
 from dicom_ai_node.jobs.store import BatchRunRow, JobStore
 from dicom_ai_node.worklist.qr import MoveProgress, QueryRetrieve, QueryRetrieveError
 from dicom_ai_node.worklist.query import (
+    SeriesToPull,
     series_identifier, series_to_pull, studies_found, study_identifier, worklist_identifier,
 )
 
@@ -31,6 +32,7 @@ log = logging.getLogger("dicom_ai_node.worklist")
 # the next run of its job.
 STALE_AFTER_S = 300.0
 PROGRESS_EVERY_S = 1.0
+REPORT_EVERY_S = 5.0  # `batch run`'s line about a series still moving
 
 
 class BatchError(RuntimeError):
@@ -183,9 +185,9 @@ class BatchRunner:
             if stop.is_set():
                 errors.append("stopped with the node")
                 break
-            last_write = [0.0]
+            last_write, last_report = [0.0], [time.monotonic()]
 
-            def on_progress(progress: MoveProgress) -> None:
+            def on_progress(progress: MoveProgress, done: int = done, item: SeriesToPull = item) -> None:
                 if stop.is_set():
                     qr.abort()
                 now = time.monotonic()
@@ -193,6 +195,11 @@ class BatchRunner:
                     last_write[0] = now
                     update(completed=delivered + progress.completed, failed=failed + progress.failed,
                            warning=warning + progress.warning, remaining=progress.remaining)
+                if now - last_report[0] >= REPORT_EVERY_S:  # a long series: say how far it is
+                    last_report[0] = now
+                    left = f", {progress.remaining} to go" if progress.remaining is not None else ""
+                    report(f"study {study_uid} ({position}): series {done + 1}/{len(series)} "
+                           f"{item.modality or '?'}: {progress.completed} delivered{left}")
 
             try:
                 final = qr.move_series(study_uid, item.series_uid, on_progress)
