@@ -230,6 +230,17 @@ def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
     return lines or ["  none yet"]
 
 
+def next_cron_run(cron: str) -> str:
+    """When a cron line fires next, in local time."""
+    from datetime import datetime
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(cron)
+    when = trigger.get_next_fire_time(None, datetime.now(trigger.timezone))
+    return when.strftime("%Y-%m-%d %H:%M %Z") if when else "never"
+
+
 def cmd_batch_list(args: argparse.Namespace) -> int:
     from dicom_ai_node.jobs.store import JobStore
 
@@ -239,12 +250,18 @@ def cmd_batch_list(args: argparse.Namespace) -> int:
         return 0
     store = JobStore(config.db_path)
     for job in config.batch:
-        schedule = f"cron {job.cron!r}" if job.cron else (
-            f"every {job.every_minutes:g} min" if job.every_minutes else "on command only")
+        schedule = f"cron {job.cron!r} (next {next_cron_run(job.cron)})" if job.cron else (
+            f"every {job.every_minutes:g} min while the node runs" if job.every_minutes else "on command only")
         keys = ", ".join(f"{k}={v!r}" for k, v in {**job.query, **job.series}.items())
         days = f"; StudyDate in the last {job.study_days} day(s)" if job.study_days else ""
-        print(f"{job.name}: from {job.source}, {schedule}; matching {keys or 'every study'}{days}; "
-              f"at most {job.max_studies} studies a run")
+        studies = f"matching {keys or 'every study'}{days}"
+        if job.worklist is not None:
+            steps = ", ".join(f"{k}={v!r}" for k, v in job.worklist.query.items()) or "any step"
+            days = f", starting in the last {job.study_days} day(s)" if job.study_days else ""
+            series = ", ".join(f"{k}={v!r}" for k, v in job.series.items())
+            studies = (f"studies scheduled in {job.worklist.source}'s worklist ({steps}{days})"
+                       + (f", series matching {series}" if series else ""))
+        print(f"{job.name}: from {job.source}, {schedule}; {studies}; at most {job.max_studies} studies a run")
         for line in batch_run_lines(store, limit=3, job=job.name):
             print(line)
     return 0

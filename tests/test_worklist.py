@@ -152,6 +152,24 @@ def test_triggers_follow_the_schedule_keys():
     assert trigger_of(job()) is None
 
 
+def test_batch_list_shows_each_jobs_schedule_and_what_it_pulls(tmp_path, capsys):
+    config = tmp_path / "node.yaml"
+    config.write_text(f"""node: {{data_dir: {tmp_path / 'var'}}}
+{PEERS}batch:
+  - {{name: nightly, source: PACS, cron: "30 2 * * *", query: {{ModalitiesInStudy: CT}}, study_days: 1}}
+  - {{name: often, source: PACS, every_minutes: 15}}
+  - {{name: scheduled, source: PACS, worklist: {{source: PACS, query: {{Modality: CT}}}}, series: {{Modality: CT}}}}
+""")
+    assert main(["batch", "list", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"nightly: from PACS, cron '30 2 \* \* \*' \(next \d{4}-\d\d-\d\d 02:30 \S+\); matching "
+                        r"ModalitiesInStudy='CT'; StudyDate in the last 1 day\(s\); at most 100 studies a run", lines[0])
+    assert lines[1] == "  none yet"
+    assert lines[2].startswith("often: from PACS, every 15 min while the node runs; matching every study;")
+    assert lines[4].startswith("scheduled: from PACS, on command only; studies scheduled in PACS's worklist "
+                               "(Modality='CT'), series matching Modality='CT';")
+
+
 # -- run records ------------------------------------------------------------------------------------------
 
 def test_one_run_of_a_job_at_a_time_and_a_dead_ones_run_is_stopped(tmp_path):
@@ -355,7 +373,8 @@ def scheduled_step(folder: Path, name: str, study_uid: str, modality: str, stati
 
 @pytest.mark.integration
 def test_a_worklist_job_pulls_scheduled_studies_once_they_are_in_the_pacs(orthanc, start_node, tmp_path,
-                                                                          worklist_scp, capsys):
+                                                                          worklist_scp, capsys, caplog):
+    caplog.set_level("DEBUG")
     folder, port = worklist_scp
     first = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="wl-1")
     later = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="wl-2")
@@ -389,5 +408,14 @@ batch:
 
     upload(orthanc, later, tmp_path / "later")  # acquired and archived since
     assert main(["batch", "run", "scheduled-ct", *config]) == 0
-    assert "2 scheduled studies matched, 1 pulled before; pulling 1" in capsys.readouterr().out
+    out += capsys.readouterr().out
+    assert "2 scheduled studies matched, 1 pulled before; pulling 1" in out
     assert {s.study_uid for s in node.store.all_series()} == {first_uid, later_uid}
+
+    # The worklist held names, IDs and accession numbers; none of them reaches what the node writes.
+    assert main(["status", *config]) == 0
+    written = out + capsys.readouterr().out + caplog.text + node.config.audit_path.read_text()
+    written += "".join(str(tuple(r)) for r in node.store._db().execute("SELECT * FROM batch_runs"))
+    written += "".join(str(tuple(r)) for r in node.store._db().execute("SELECT * FROM batch_studies"))
+    for value in ("Worklist^Test", "WL-1", "WL-2", "ACC1", "ACC2"):
+        assert value not in written
