@@ -25,7 +25,7 @@ from dicom_ai_node.phantom_xray import make_chest_radiograph
 from dicom_ai_node.worklist import batch
 from dicom_ai_node.worklist.batch import BatchError, BatchRunner
 from dicom_ai_node.worklist.query import (
-    move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
+    failed_move_status, move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
     worklist_identifier,
 )
 from dicom_ai_node.worklist.schedule import trigger_of
@@ -108,6 +108,15 @@ def test_series_to_pull_leaves_derived_objects_unless_asked_for():
     assert [s.series_uid for s in asked] == ["1.2"]
 
 
+@pytest.mark.parametrize("code, failed, explained", [
+    (0x0000, 0, None), (0xB000, 0, None),  # all delivered (warnings: stored all the same)
+    (0x0000, 2, 0xB000), (0xB000, 1, 0xB000),  # some not delivered
+    (0xA801, 0, 0xA801), (0xC000, 0, 0xC000), (0xFE00, 0, 0xFE00), (0xA702, 5, 0xA702),
+])
+def test_a_final_move_status_fails_unless_every_instance_came(code, failed, explained):
+    assert failed_move_status(code, failed) == explained
+
+
 def test_move_failures_tell_the_operator_what_to_do():
     assert "add the node to the PACS's DICOM nodes (AE title NODE" in move_failure(0xA801, "NODE")
     assert move_failure(0xA801, "NODE").startswith("C-MOVE status 0xA801: ")
@@ -162,8 +171,9 @@ def test_batch_list_shows_each_jobs_schedule_and_what_it_pulls(tmp_path, capsys)
 """)
     assert main(["batch", "list", "--config", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"nightly: from PACS, cron '30 2 \* \* \*' \(next \d{4}-\d\d-\d\d 02:30 \S+\); matching "
-                        r"ModalitiesInStudy='CT'; StudyDate in the last 1 day\(s\); at most 100 studies a run", lines[0])
+    assert re.fullmatch(r"nightly: from PACS, cron '30 2 \* \* \*' \(next \d{4}-\d\d-\d\d 02:30 \S+\); "
+                        r"matching ModalitiesInStudy='CT'; StudyDate in the last 1 day\(s\); at most 100 studies a run",
+                        lines[0])
     assert lines[1] == "  none yet"
     assert lines[2].startswith("often: from PACS, every 15 min while the node runs; matching every study;")
     assert lines[4].startswith("scheduled: from PACS, on command only; studies scheduled in PACS's worklist "

@@ -817,8 +817,8 @@ class JobStore:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute("UPDATE batch_runs SET found=?, heartbeat=? WHERE id=?", (len(study_uids), now, run_id))
-            db.executemany("INSERT OR IGNORE INTO batch_studies(run_id, study_uid, state, updated) VALUES (?,?,'queued',?)",
-                           [(run_id, uid, now) for uid in study_uids])
+            db.executemany("INSERT OR IGNORE INTO batch_studies(run_id, study_uid, state, updated)"
+                           " VALUES (?,?,'queued',?)", [(run_id, uid, now) for uid in study_uids])
 
     def pulled_studies(self, source: str, study_uids: Sequence[str]) -> set[str]:
         """Those of `study_uids` that a batch run already pulled in full from `source`."""

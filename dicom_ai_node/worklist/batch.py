@@ -212,6 +212,6 @@ class BatchRunner:
                    f"{delivered} instances delivered, {failed} failed")
         error = errors[0] if errors else ""
         update(state="failed" if error else "done", last_error=error)
-        self.audit.write("batch-study-pulled" if not error else "batch-study-failed", run_id=run_id,
-                         job=job.name, study_uid=study_uid, series=len(series), instances=delivered, error=error or None)
+        self.audit.write("batch-study-pulled" if not error else "batch-study-failed", run_id=run_id, job=job.name,
+                         study_uid=study_uid, series=len(series), instances=delivered, error=error or None)
         return StudyPull(study_uid, len(series), delivered, failed, error)

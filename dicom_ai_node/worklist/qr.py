@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -20,7 +20,9 @@ from pynetdicom.sop_class import (
 
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
-from dicom_ai_node.worklist.query import PENDING_STATUSES, STATUS_SUCCESS, move_failure, move_identifier
+from dicom_ai_node.worklist.query import (
+    PENDING_STATUSES, STATUS_SUCCESS, failed_move_status, move_failure, move_identifier,
+)
 
 log = logging.getLogger("dicom_ai_node.worklist")
 
@@ -66,6 +68,7 @@ class QueryRetrieve:
         self.find_model = WORKLIST_FIND if worklist else FIND
         self.move_destination = config.node.ae_title
         self._assoc = None
+        self._aborted = False  # by abort(), not by the peer
 
     def __enter__(self) -> "QueryRetrieve":
         ae = AE(ae_title=self.config.node.ae_title)
@@ -99,6 +102,7 @@ class QueryRetrieve:
         """Abort the association from another thread (the node is stopping); the current call raises."""
         assoc = self._assoc
         if assoc is not None and assoc.is_established:
+            self._aborted = True
             assoc.abort()
 
     def find(self, identifier: Dataset) -> list[Dataset]:
@@ -118,27 +122,27 @@ class QueryRetrieve:
     def move_series(self, study_uid: str, series_uid: str,
                     on_progress: Callable[[MoveProgress], None]) -> MoveProgress:
         """C-MOVE one series to the node; `on_progress` gets every pending response's counts. Returns the
-        final counts on success; QueryRetrieveError (with the counts so far in its text) otherwise."""
+        final counts when every instance was delivered (some with warnings: stored all the same);
+        QueryRetrieveError, with the counts so far, otherwise."""
         last = MoveProgress()
-        for status, _ in self._move(study_uid, series_uid):
+        identifier = move_identifier(study_uid, series_uid)
+        for status, _ in self._established().send_c_move(identifier, self.move_destination, MOVE):
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 break
-            last = move_progress(status) if any(k in status for k in (
-                "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations")) else last
+            if "NumberOfCompletedSuboperations" in status or "NumberOfFailedSuboperations" in status:
+                last = move_progress(status)
             if code in PENDING_STATUSES:
                 on_progress(last)
                 continue
-            if code == STATUS_SUCCESS and last.failed == 0:
+            failure = failed_move_status(code, last.failed)
+            if failure is None:
                 return last
+            reason = move_failure(failure, self.move_destination, str(status.get("ErrorComment", "")))
             counts = f"{last.completed} delivered, {last.failed} failed, {last.warning} with warnings"
-            raise QueryRetrieveError(f"series {series_uid} from {self.where}: "
-                                     f"{move_failure(code, self.move_destination, str(status.get('ErrorComment', '')))} ({counts})", last)
+            raise QueryRetrieveError(f"series {series_uid} from {self.where}: {reason} ({counts})", last)
         raise QueryRetrieveError(f"series {series_uid} from {self.where}: no final C-MOVE response, "
                                  f"{self._lost()}", last)
-
-    def _move(self, study_uid: str, series_uid: str) -> Iterator[tuple[Dataset, Dataset | None]]:
-        return self._established().send_c_move(move_identifier(study_uid, series_uid), self.move_destination, MOVE)
 
     def _established(self):
         if self._assoc is None or not self._assoc.is_established:
@@ -146,6 +150,8 @@ class QueryRetrieve:
         return self._assoc
 
     def _lost(self) -> str:
+        if self._aborted:
+            return "the node aborted the association: it is stopping"
         if self._assoc is not None and self._assoc.is_aborted:
             return (f"the PACS aborted the association (does it allow queries and moves from "
                     f"{self.config.node.ae_title}?)")

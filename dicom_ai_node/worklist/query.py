@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from dicom_ai_node.config import DERIVED_MODALITIES, BatchJob
 
 STATUS_SUCCESS = 0x0000
+STATUS_WARNING = 0xB000  # sub-operations complete, one or more failed or delivered with warnings
 STATUS_CANCELLED = 0xFE00
 PENDING_STATUSES = {0xFF00, 0xFF01}
 MOVE_FAILURES = {
@@ -23,7 +24,7 @@ MOVE_FAILURES = {
             "(AE title {ae}, this host, the node's port)",
     0xA900: "the PACS says the identifier does not match the SOP class",
     STATUS_CANCELLED: "the move was cancelled",
-    0xB000: "the PACS could not deliver some instances to {ae} (is the node running, and reachable from the "
+    STATUS_WARNING: "the PACS could not deliver some instances to {ae} (is the node running, and reachable from the "
             "PACS at the host and port it has for {ae}?)",
 }
 
@@ -137,6 +138,15 @@ def series_to_pull(job: BatchJob, answers: Iterable[Dataset]) -> list[SeriesToPu
             continue
         pulled[uid] = SeriesToPull(uid, modality, answered_count(identifier, "NumberOfSeriesRelatedInstances"))
     return list(pulled.values())
+
+
+def failed_move_status(code: int, failed: int) -> int | None:
+    """None when a final C-MOVE status says every instance was delivered (success; or warning with none
+    failed: some stored with warnings, stored all the same); else the status to explain, a success that
+    still counts failed sub-operations being the warning it is."""
+    if code in (STATUS_SUCCESS, STATUS_WARNING) and failed == 0:
+        return None
+    return STATUS_WARNING if code == STATUS_SUCCESS else code
 
 
 def move_failure(status: int, move_destination: str, comment: str = "") -> str:
