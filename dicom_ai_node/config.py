@@ -245,9 +245,9 @@ class WorklistSource(Strict):
 
 
 class BatchJob(Strict):
-    """A pull from a PACS: C-FIND the studies matching `query` at `source`, C-MOVE their series to the node
-    (which receives and processes them like pushed ones), on a schedule and/or with `dicom-ai-node batch run`.
-    A study pulled in full from a source is not pulled from it again."""
+    """A pull from a PACS: C-FIND the studies matching `query` at `source`, C-MOVE (or C-GET) their series to
+    the node (which receives and processes them like pushed ones), on a schedule and/or with `dicom-ai-node
+    batch run`. A study pulled in full from a source is not pulled from it again."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     source: str = Field(pattern=AE_TITLE_PATTERN)  # a configured peer answering C-FIND and C-MOVE
@@ -257,6 +257,9 @@ class BatchJob(Strict):
     # The studies are those scheduled in a worklist (study_days: by procedure step start date), each pulled
     # from `source` once it is there; `query` is then not used.
     worklist: WorklistSource | None = None
+    # move: the PACS sends the series to the node's AE title (it must know the node's host and port); get: it
+    # sends them back on the node's own association (it need not know the node; it must allow C-GET).
+    retrieve: Literal["move", "get"] = "move"
     cron: str | None = None  # crontab line in the node's local time, e.g. "0 2 * * *"
     every_minutes: float | None = Field(None, gt=0)
     max_studies: int = Field(100, ge=1)  # per run; the rest are pulled by the next run

@@ -51,6 +51,7 @@ from dicom_ai_node.jobs.executor import (
 from dicom_ai_node.jobs.store import InstanceRow, JobRow, JobStore, PlannedJob, SeriesRow
 from dicom_ai_node.pipeline import Manifest, discover
 from dicom_ai_node.runtime.device import DeviceBusy
+from dicom_ai_node.receive.journal import recover_other_journals
 from dicom_ai_node.receive.pool import ReceiverPool
 from dicom_ai_node.receive.scp import Receiver
 from dicom_ai_node.route import header_values, parse_condition, route
@@ -63,6 +64,7 @@ POLL_S = 0.25
 DEVICE_BUSY_RETRY_S = 10.0  # a job the device had no memory for is tried again after this
 JOB_LEASE_S = 3600.0
 RETENTION_EVERY_S = 600.0
+JOURNAL_SWEEP_EVERY_S = 60.0  # how often journals abandoned by a pull that died are looked for
 MAX_WORKER_CRASHES = 3  # a job whose worker process died this often is failed, not retried again
 
 
@@ -278,6 +280,7 @@ class NodeService:
         self._assemble_idle_s = POLL_S  # until the earliest completion deadline of a receiving series
         self._threads: list[threading.Thread] = []
         self._next_retention = 0.0
+        self._next_journal_sweep = time.time() + JOURNAL_SWEEP_EVERY_S  # the receiver swept them at start
 
     @property
     def port(self) -> int:
@@ -378,6 +381,9 @@ class NodeService:
         if now >= self._next_retention:
             self._next_retention = now + RETENTION_EVERY_S
             self.apply_retention(now)
+        if now >= self._next_journal_sweep:
+            self._next_journal_sweep = now + JOURNAL_SWEEP_EVERY_S
+            self.replay_abandoned_journals()
         self._assemble_idle_s = idle_s
         return False
 
@@ -411,6 +417,15 @@ class NodeService:
         """Study rules that timed out with on_timeout: fail -> the reason (their rules do not run)."""
         return {name: o.reason for name, o in self._study_outcomes(series, now).items()
                 if isinstance(o, StudyTimedOut) and o.action == "fail"}
+
+    def replay_abandoned_journals(self) -> int:
+        """Place what a pull that died had acknowledged: a C-GET's journal that no live process owns (the
+        node's own receive journals are left to their receivers); returns how many instances."""
+        replayed = recover_other_journals(self.config.journal_dir, self.config.spool_dir, self.store,
+                                          keep=self.receiver.journal_names)
+        if replayed:
+            log.warning("replayed %d instance(s) acknowledged by a pull that stopped before placing them", replayed)
+        return replayed
 
     def apply_retention(self, now: float) -> int:
         """Remove spool data of finished series older than retention.spool_days, and result files of jobs

@@ -59,6 +59,13 @@ def echoscu(port: int, calling_ae: str, called_ae: str = "DICOM_AI_NODE") -> sub
                           env=PEER_ENV, capture_output=True, text=True, timeout=60)
 
 
+def journal_died(journal: Any) -> None:
+    """Release an ingest journal's owner lock as the kernel does when its process dies (the test's process
+    lives on, and opens the journal again as the next process would)."""
+    os.close(journal._owner_fd)  # noqa: SLF001
+    journal._owner_fd = None  # noqa: SLF001
+
+
 def node_config(data_dir: Path, port: int, extra_yaml: str = "", node_options: str = "") -> NodeConfig:
     return parse_config(node_yaml(data_dir, port, extra_yaml, node_options), "test node.yaml")
 

@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import PEER_ENV, REPO, echoscu, free_port, node_yaml, require_tool
+from conftest import PEER_ENV, REPO, echoscu, free_port, journal_died, node_yaml, require_tool
 from dicom_ai_node import spool
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import parse_config
@@ -319,6 +319,7 @@ def test_journal_replays_what_was_acknowledged_but_not_placed(tmp_path, no_check
     received = [_received(ds, spool_dir) for ds in _ct_series(5)]
     for instance, parts in received:
         dead.append(instance, parts)
+    journal_died(dead)
     assert not list(spool_dir.rglob("*.dcm")) and store.series(received[0][0].series_uid) is None
 
     journal = IngestJournal(tmp_path / "journal", spool_dir, JobStore(tmp_path / "state.sqlite3"))
@@ -327,6 +328,7 @@ def test_journal_replays_what_was_acknowledged_but_not_placed(tmp_path, no_check
     for instance, parts in received:
         assert Path(instance.path).read_bytes() == b"".join(parts)
     assert store.journal_checkpoint("journal") == 5
+    journal.close()
     # Replayed once: a further start finds nothing after the checkpoint.
     assert IngestJournal(tmp_path / "journal", spool_dir, store).recover() == 0
 
@@ -342,6 +344,7 @@ def test_replay_of_placed_instances_rewrites_files_but_does_not_reopen_their_ser
     series = received[0][0].series_uid
     assert store.route_series(store.series(series), [], "no rule matched")
     Path(received[1][0].path).write_bytes(b"")  # what a power cut may leave of a file never flushed
+    journal_died(journal)
 
     again = IngestJournal(tmp_path / "journal", spool_dir, store)
     assert again.recover() == 3

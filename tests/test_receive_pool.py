@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import PEER_ENV, REPO, echoscu, free_port, node_config, require_tool, wait_for
+from conftest import PEER_ENV, REPO, echoscu, free_port, journal_died, node_config, require_tool, wait_for
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.jobs.store import JobStore, ReceivedInstance
 from dicom_ai_node.receive.journal import IngestJournal
@@ -140,6 +140,7 @@ def test_one_receiver_replays_the_journals_of_former_receive_processes(tmp_path)
             transfer_syntax_uid=header.transfer_syntax_uid, series_uid=header.series_uid,
             study_uid=header.study_uid, calling_ae="PACS", path=str(target),
             size=incoming.meta_size + incoming.dataset_size, header=header.routing_header), incoming.parts)
+    journal_died(former)
     receiver = Receiver(config, store, AuditLog(config.audit_path))
     receiver.start()
     try:

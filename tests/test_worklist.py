@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import threading
 from datetime import date
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -20,6 +22,7 @@ from conftest import echoscu, free_port, require_tool, start_orthanc, wait_for
 from dicom_ai_node.cli import main
 from dicom_ai_node.config import BatchJob, ConfigError, parse_config
 from dicom_ai_node.jobs.store import JobStore
+from dicom_ai_node.receive.journal import IngestJournal, JournalInUse, recover_other_journals
 from dicom_ai_node.phantom import make_chest_phantom
 from dicom_ai_node.phantom_xray import make_chest_radiograph
 from dicom_ai_node.worklist import batch
@@ -123,6 +126,9 @@ def test_move_failures_tell_the_operator_what_to_do():
     assert "could not deliver some instances to NODE" in move_failure(0xB000, "NODE")
     assert "could not process" in move_failure(0xC123, "NODE")
     assert "does not define" in move_failure(0x1234, "NODE")
+    get = move_failure(0xC000, "NODE", service="C-GET")
+    assert get.startswith("C-GET status 0xC000: ") and "does it allow C-GET from NODE" in get
+    assert "not stored by the node" in move_failure(0xB000, "NODE", service="C-GET")
 
 
 # -- configuration and schedules -----------------------------------------------------------------------
@@ -137,6 +143,7 @@ def test_move_failures_tell_the_operator_what_to_do():
     ("{name: j, source: PACS, query: {StudyInstanceUID: 1.2.3}}", "is set by the node"),
     ("{name: j, source: PACS, every_minutes: 0}", "greater than 0"),
     ("{name: j, source: PACS, worklist: {source: RIS}}", "worklist source 'RIS' is not a configured peer"),
+    ("{name: j, source: PACS, retrieve: push}", "Input should be 'move' or 'get'"),
     ("{name: j, source: PACS, worklist: {source: PACS}, query: {Modality: CT}}", "give its keys in worklist.query"),
     ("{name: j, source: PACS, study_days: 1, worklist: {source: PACS, query: {ScheduledProcedureStepStartDate: "
      "'20260101'}}}", "study_days or a ScheduledProcedureStepStartDate"),
@@ -429,3 +436,76 @@ batch:
     written += "".join(str(tuple(r)) for r in node.store._db().execute("SELECT * FROM batch_studies"))
     for value in ("Worklist^Test", "WL-1", "WL-2", "ACC1", "ACC2"):
         assert value not in written
+
+
+# -- C-GET: the instances come back on the node's own association -----------------------------------------
+
+@pytest.mark.integration
+def test_a_get_job_needs_no_address_of_the_node_at_the_pacs(start_node, tmp_path, capsys):
+    # Orthanc answers C-FIND and C-GET from any AE and knows nothing of the node: no modality entry.
+    orthanc = start_orthanc(tmp_path / "pacs", "get-pacs", DicomAlwaysAllowFind=True, DicomAlwaysAllowGet=True)
+    try:
+        node = node_with_batch(start_node, orthanc, "    retrieve: get\n")
+        ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-get")
+        sources = upload(orthanc, ct, tmp_path / "ct")
+        study_uid = str(ct.datasets[0].StudyInstanceUID)
+        assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"study {study_uid} (1/1): series 1/1 CT, {len(sources)} instances delivered, 0 failed" in out
+        [series] = node.store.all_series()
+        assert (series.study_uid, series.instances, series.calling_ae) == (study_uid, len(sources), orthanc.aet)
+        for row in node.store.instances(series.series_uid):  # in the spool, whole, as the PACS sent them
+            assert pydicom.dcmread(row.path).SOPInstanceUID == row.sop_uid
+        assert [p.name for p in node.config.journal_dir.iterdir()] == ["0"]  # the pull's journal is gone
+        # Processed like a pushed series, and the results go back to the PACS it came from.
+        wait_for(lambda: len(orthanc.instances_of_study(study_uid)) >= len(sources) + 3, timeout=180,
+                 what="the results of the C-GET pulled series in Orthanc")
+    finally:
+        orthanc.stop()
+
+
+def test_a_journal_has_one_owner_and_the_sweep_leaves_it_alone(tmp_path):
+    store, root, spool_dir = JobStore(tmp_path / "state.sqlite3"), tmp_path / "journal", tmp_path / "spool"
+    owner = IngestJournal(root / "get-1", spool_dir, store)
+    owner.recover()
+    with pytest.raises(JournalInUse, match="in use by a running process"):
+        IngestJournal(root / "get-1", spool_dir, store).recover()
+    assert recover_other_journals(root, spool_dir, store, keep=set()) == 0
+    assert (root / "get-1").is_dir()
+    owner.close()
+    assert recover_other_journals(root, spool_dir, store, keep=set()) == 0
+    assert not (root / "get-1").exists()  # nobody's, and empty: removed
+
+
+@pytest.mark.integration
+def test_the_node_places_what_a_pull_that_died_had_acknowledged(start_node, tmp_path):
+    node = start_node()
+    config = node.config
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from dicom_ai_node.jobs.store import JobStore
+from dicom_ai_node.receive.journal import IngestJournal, JournalInUse, recover_other_journals
+from dicom_ai_node.receive.journal import IngestJournal
+from test_ingest import _ct_series, _received
+spool = Path({str(config.spool_dir)!r})
+journal = IngestJournal(Path({str(config.journal_dir)!r}) / "get-dead", spool, JobStore(Path({str(config.db_path)!r})))
+journal.recover()
+journal._closed = False  # appends, but never places: the pull dies after the PACS got its answers
+for ds in _ct_series(2):
+    journal.append(*_received(ds, spool))
+print("acknowledged", flush=True)
+sys.stdin.readline()
+os._exit(1)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "acknowledged"
+        assert node.replay_abandoned_journals() == 0  # alive: its own to place
+        assert (config.journal_dir / "get-dead").is_dir() and node.store.all_series() == []
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert node.replay_abandoned_journals() == 2
+    [series] = node.store.all_series()
+    assert series.instances == 2 and not (config.journal_dir / "get-dead").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import fcntl
 import json
 import logging
 import mmap
@@ -92,6 +93,10 @@ class _Segment:
     capacity: int  # zero-filled (or written before) up to here: records beyond would grow the file
     offset: int = 0  # where the next record goes
     last_seq: int = 0  # the highest sequence number written into it
+
+
+class JournalInUse(RuntimeError):
+    """Another live process holds this journal (its owner lock): it is that process's to place."""
 
 
 @dataclass
@@ -213,6 +218,7 @@ class IngestJournal:
         self._placer: threading.Thread | None = None
         self._last_append = 0.0
         self._checkpointed_at = 0.0
+        self._owner_fd: int | None = None
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -220,8 +226,10 @@ class IngestJournal:
         """Replay every record after the last checkpoint into the spool and the store; returns how many.
 
         Files are rewritten from the journal (whatever the crash left of them), rows recorded unless the
-        same file is recorded already, and a checkpoint taken; the segments are then reused."""
+        same file is recorded already, and a checkpoint taken; the segments are then reused. JournalInUse when
+        a live process owns the journal (until close(), this object owns it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._own()
         checkpoint = self.store.journal_checkpoint(self.name)
         segments = sorted(self.folder.glob("*.wal"))
         entries: dict[int, JournalEntry] = {}
@@ -275,6 +283,23 @@ class IngestJournal:
                 if segment is not None:
                     os.close(segment.fd)
             self._current, self._sealed, self._spares = None, [], []
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # releases the owner lock
+            self._owner_fd = None
+
+    def _own(self) -> None:
+        """Hold the journal's owner lock for as long as this object has it open. The kernel lets go of it
+        when the process ends however it ends, so a journal whose lock is free belongs to nobody: replaying
+        it (recover_other_journals) cannot race the process writing it."""
+        if self._owner_fd is not None:
+            return
+        fd = os.open(self.folder / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalInUse(f"ingest journal {self.folder}: in use by a running process") from None
+        self._owner_fd = fd
 
     # -- the hot path -----------------------------------------------------------------------------------
 
@@ -561,12 +586,16 @@ class IngestJournal:
 
 
 def recover_other_journals(root: Path, spool_dir: Path, store: JobStore, keep: set[str]) -> int:
-    """Replay and remove the journals under `root` that no receiver will open (a node that ran more receive
-    processes before); returns how many instances they held."""
+    """Replay and remove the journals under `root` that no receiver will open and no live process holds (a
+    node that ran more receive processes before, a batch pull that died); returns how many instances they
+    held."""
     replayed = 0
     for folder in sorted(p for p in root.glob("*") if p.is_dir() and p.name not in keep):
         journal = IngestJournal(folder, spool_dir, store)
-        replayed += journal.recover()
+        try:
+            replayed += journal.recover()
+        except JournalInUse:
+            continue  # a live process's (a batch pull's): it places its own
         journal.close()
         shutil.rmtree(folder)
         store.forget_journal(folder.name)

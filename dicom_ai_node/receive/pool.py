@@ -72,11 +72,15 @@ class ReceiverPool:
         assert self._listener is not None
         return self._listener.port
 
+    @property
+    def journal_names(self) -> set[str]:
+        """The journals of its receive processes (each replays its own when it starts again)."""
+        return {str(i) for i in range(self.count)}
+
     def start(self) -> None:
         config = self.config
         config.spool_dir.mkdir(parents=True, exist_ok=True)
-        names = {str(i) for i in range(self.count)}
-        replayed = recover_other_journals(config.journal_dir, config.spool_dir, self.store, keep=names)
+        replayed = recover_other_journals(config.journal_dir, config.spool_dir, self.store, keep=self.journal_names)
         if replayed:
             log.info("replayed %d instance(s) from the journals of former receive processes", replayed)
         self._processes = [self._spawn(i) for i in range(self.count)]

@@ -115,6 +115,10 @@ class Receiver:
         assert self.acceptor is not None
         return self.acceptor.port
 
+    @property
+    def journal_names(self) -> set[str]:
+        return {self.journal.name}
+
     def start(self, listen: bool = True) -> None:
         """Recover the journal and accept associations: on the configured port, or (listen=False) those
         handed to `acceptor.handle` by a ReceiverPool that listens."""

@@ -1,5 +1,6 @@
-"""One run of a batch job: find the studies at the source, pull each one's series into the node, and keep
-every study's progress in the job store, where `dicom-ai-node status` and `batch list` show it.
+"""One run of a batch job: find the studies at the source (or in a worklist), pull each one's series into
+the node (C-MOVE or C-GET), and keep every study's progress in the job store, where `dicom-ai-node status`
+and `batch list` show it.
 
 A run is one association with the source. Studies pulled in full earlier from the same source are left out
 (nothing is pulled or processed twice), unless the operator asks again; a study that failed is tried again
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Callable, Iterator
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 from dicom_ai_node.audit import AuditLog
 from dicom_ai_node.config import BatchJob, NodeConfig
 from dicom_ai_node.jobs.store import BatchRunRow, JobStore
+from dicom_ai_node.worklist.get import GetReceiver
 from dicom_ai_node.worklist.qr import MoveProgress, QueryRetrieve, QueryRetrieveError
 from dicom_ai_node.worklist.query import (
     SeriesToPull,
@@ -110,7 +112,12 @@ class BatchRunner:
         peer = self.config.peer(job.source)
         assert peer is not None  # config validation: a batch job's source is a peer
         scheduled = self._scheduled_studies(job) if job.worklist is not None else None
-        with QueryRetrieve(self.config, peer) as qr, self._tracked(qr):
+        with ExitStack() as stack:
+            getter = None
+            if job.retrieve == "get":
+                getter = stack.enter_context(GetReceiver(self.config, self.store, self.audit, peer))
+            qr = stack.enter_context(QueryRetrieve(self.config, peer, get_receiver=getter))
+            stack.enter_context(self._tracked(qr))
             if scheduled is None:
                 uids, matched = studies_found(qr.find(study_identifier(job, date.today())), job.max_studies)
             else:
@@ -202,7 +209,7 @@ class BatchRunner:
                            f"{item.modality or '?'}: {progress.completed} delivered{left}")
 
             try:
-                final = qr.move_series(study_uid, item.series_uid, on_progress)
+                final = qr.retrieve_series(study_uid, item.series_uid, on_progress)
             except QueryRetrieveError as exc:
                 errors.append(str(exc))
                 final = exc.progress

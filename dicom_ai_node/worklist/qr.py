@@ -1,5 +1,5 @@
-"""Query/Retrieve as a service class user, Study Root: C-FIND at STUDY and SERIES level, C-MOVE by series;
-and Modality Worklist C-FIND (`QueryRetrieve(..., worklist=True)`).
+"""Query/Retrieve as a service class user, Study Root: C-FIND at STUDY and SERIES level, C-MOVE or C-GET
+by series; and Modality Worklist C-FIND (`QueryRetrieve(..., worklist=True)`).
 
 One association per batch run; every failure is a `QueryRetrieveError` that names the peer and what it did
 (rejected, aborted, a status), never the identifier's values.
@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts, build_role
 from pynetdicom.sop_class import (
     ModalityWorklistInformationFind as WORKLIST_FIND,
     StudyRootQueryRetrieveInformationModelFind as FIND,
+    StudyRootQueryRetrieveInformationModelGet as GET,
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
 
 from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
+from dicom_ai_node.receive.scp import decodable_transfer_syntaxes
 from dicom_ai_node.worklist.query import (
     PENDING_STATUSES, STATUS_SUCCESS, failed_move_status, move_failure, move_identifier,
 )
+
+if TYPE_CHECKING:
+    from dicom_ai_node.worklist.get import GetReceiver
 
 log = logging.getLogger("dicom_ai_node.worklist")
 
@@ -62,10 +67,12 @@ class QueryRetrieve:
     """An association with `peer` for C-FIND and C-MOVE (or, `worklist`, Modality Worklist C-FIND); use as a
     context manager."""
 
-    def __init__(self, config: NodeConfig, peer: Peer, worklist: bool = False) -> None:
+    def __init__(self, config: NodeConfig, peer: Peer, worklist: bool = False,
+                 get_receiver: "GetReceiver | None" = None) -> None:
         self.config = config
         self.peer = peer
         self.find_model = WORKLIST_FIND if worklist else FIND
+        self.get_receiver = get_receiver  # C-GET instead of C-MOVE: what comes back is stored by it
         self.move_destination = config.node.ae_title
         self._assoc = None
         self._aborted = False  # by abort(), not by the peer
@@ -78,11 +85,22 @@ class QueryRetrieve:
         # responses come at every instance, so the DIMSE timeout bounds the gap between two of them.
         ae.dimse_timeout = timeout
         ae.add_requested_context(self.find_model)
-        if self.find_model is FIND:
+        roles = []
+        handlers = []
+        if self.get_receiver is not None:
+            # The PACS sends the instances back as C-STORE requests on this association: the node takes the
+            # SCP role for every storage class it proposes (at most 128 contexts in all: 120 classes here).
+            ae.add_requested_context(GET)
+            syntaxes = decodable_transfer_syntaxes()
+            for context in StoragePresentationContexts:
+                ae.add_requested_context(context.abstract_syntax, syntaxes)
+                roles.append(build_role(context.abstract_syntax, scp_role=True))
+            handlers = self.get_receiver.handlers()
+        elif self.find_model is FIND:
             ae.add_requested_context(MOVE)
         attempt = AssociationAttempt()
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
-                             evt_handlers=attempt.handlers)
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title, ext_neg=roles or None,
+                             evt_handlers=attempt.handlers + handlers)
         if not assoc.is_established:
             raise QueryRetrieveError(f"association with {self.where}: {attempt.failure(assoc)}")
         keep_responses_for_the_requestor(assoc)
@@ -119,29 +137,40 @@ class QueryRetrieve:
             raise QueryRetrieveError(self._failed("C-FIND", identifier, code))
         raise QueryRetrieveError(self._failed("C-FIND", identifier, None))
 
-    def move_series(self, study_uid: str, series_uid: str,
-                    on_progress: Callable[[MoveProgress], None]) -> MoveProgress:
-        """C-MOVE one series to the node; `on_progress` gets every pending response's counts. Returns the
-        final counts when every instance was delivered (some with warnings: stored all the same);
-        QueryRetrieveError, with the counts so far, otherwise."""
+    def retrieve_series(self, study_uid: str, series_uid: str,
+                        on_progress: Callable[[MoveProgress], None]) -> MoveProgress:
+        """C-MOVE one series to the node (C-GET it, with a get receiver); `on_progress` gets every pending
+        response's counts. Returns the final counts when every instance was delivered (some with warnings:
+        stored all the same); QueryRetrieveError, with the counts so far, otherwise."""
         last = MoveProgress()
         identifier = move_identifier(study_uid, series_uid)
-        for status, _ in self._established().send_c_move(identifier, self.move_destination, MOVE):
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                break
-            if "NumberOfCompletedSuboperations" in status or "NumberOfFailedSuboperations" in status:
-                last = move_progress(status)
-            if code in PENDING_STATUSES:
-                on_progress(last)
-                continue
-            failure = failed_move_status(code, last.failed)
-            if failure is None:
-                return last
-            reason = move_failure(failure, self.move_destination, str(status.get("ErrorComment", "")))
-            counts = f"{last.completed} delivered, {last.failed} failed, {last.warning} with warnings"
-            raise QueryRetrieveError(f"series {series_uid} from {self.where}: {reason} ({counts})", last)
-        raise QueryRetrieveError(f"series {series_uid} from {self.where}: no final C-MOVE response, "
+        if self.get_receiver is not None:
+            service, destination = "C-GET", self.config.node.ae_title
+            self.get_receiver.series_begins()
+            responses = self._established().send_c_get(identifier, GET)
+        else:
+            service, destination = "C-MOVE", self.move_destination
+            responses = self._established().send_c_move(identifier, self.move_destination, MOVE)
+        try:
+            for status, _ in responses:
+                code = int(status.Status) if "Status" in status else None
+                if code is None:
+                    break
+                if "NumberOfCompletedSuboperations" in status or "NumberOfFailedSuboperations" in status:
+                    last = move_progress(status)
+                if code in PENDING_STATUSES:
+                    on_progress(last)
+                    continue
+                failure = failed_move_status(code, last.failed)
+                if failure is None:
+                    return last
+                reason = move_failure(failure, destination, str(status.get("ErrorComment", "")), service)
+                counts = f"{last.completed} delivered, {last.failed} failed, {last.warning} with warnings"
+                raise QueryRetrieveError(f"series {series_uid} from {self.where}: {reason} ({counts})", last)
+        finally:
+            if self.get_receiver is not None:
+                self.get_receiver.series_done()
+        raise QueryRetrieveError(f"series {series_uid} from {self.where}: no final {service} response, "
                                  f"{self._lost()}", last)
 
     def _established(self):

@@ -149,14 +149,23 @@ def failed_move_status(code: int, failed: int) -> int | None:
     return STATUS_WARNING if code == STATUS_SUCCESS else code
 
 
-def move_failure(status: int, move_destination: str, comment: str = "") -> str:
-    """What a final C-MOVE status other than success means, for the operator; `comment` is the PACS's
-    ErrorComment (LO, at most 64 characters: a reason, not data)."""
-    text = MOVE_FAILURES.get(status)
+# What differs when the node retrieves with C-GET: the instances come back on its own association.
+GET_FAILURES = {
+    STATUS_WARNING: "some instances were not stored by the node (see its log: refused, or the disk is full)",
+    0xA702: "the PACS is out of resources, or the node did not accept the storage class of the instances",
+}
+
+
+def move_failure(status: int, move_destination: str, comment: str = "", service: str = "C-MOVE") -> str:
+    """What a final C-MOVE (or C-GET) status other than success means, for the operator; `comment` is the
+    PACS's ErrorComment (LO, at most 64 characters: a reason, not data)."""
+    text = (GET_FAILURES.get(status) if service == "C-GET" else None) or MOVE_FAILURES.get(status)
     if text is None and 0xC000 <= status <= 0xCFFF:
         # Orthanc, among others, answers so when it has no address for the move destination.
-        text = "the PACS could not process the move (does it know {ae} as a DICOM node, with this host and port?)"
+        text = ("the PACS could not process the C-GET (does it allow C-GET from {ae}?)" if service == "C-GET"
+                else "the PACS could not process the move (does it know {ae} as a DICOM node, with this host "
+                     "and port?)")
     if text is None:
-        text = "the PACS answered the move with a status the standard does not define for C-MOVE"
+        text = f"the PACS answered with a status the standard does not define for {service}"
     said = f'; the PACS says: "{comment.strip()[:64]}"' if comment.strip() else ""
-    return f"C-MOVE status 0x{status:04X}: {text.format(ae=move_destination)}{said}"
+    return f"{service} status 0x{status:04X}: {text.format(ae=move_destination)}{said}"
