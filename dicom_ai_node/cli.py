@@ -220,11 +220,11 @@ def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
                      f"{started}: {run.note or f'{run.found} studies found'}")
         for study in store.batch_studies(run.id):
             series = f"series {study.series_done}/{study.series_total}" if study.series_total else "series ?"
-            moving = f", {study.remaining} remaining" if study.state == "moving" and study.remaining else ""
+            pulling = f", {study.remaining} remaining" if study.state == "pulling" and study.remaining else ""
             label = "note" if study.state in ("waiting", "skipped") else "error"
             error = f"  {label}: {study.last_error}" if study.last_error else ""
             lines.append(f"    study {study.study_uid}  {study.state:<8} {series}, {study.completed} instances "
-                         f"delivered, {study.failed} failed{moving}{error}")
+                         f"delivered, {study.failed} failed{pulling}{error}")
         if len([line for line in lines if line.startswith("  run")]) >= limit:
             break
     return lines or ["  none yet"]

@@ -13,7 +13,7 @@ States
   sends:  queued -> sent | dead                     (dead after the maximum age or attempts)
   destinations: a circuit breaker per destination (closed, or open until a time)
   batch runs:   running -> done | failed | stopped   (a run's heartbeat shows it alive; one run per job)
-  batch studies: queued -> moving -> done | failed | waiting (not in the source yet) | skipped (no series to pull)
+  batch studies: queued -> pulling -> done | failed | waiting (not in the source yet) | skipped (no series to pull)
                  (done: pulled in full, never pulled again from that source; the others: looked at again)
 """
 from __future__ import annotations

@@ -169,7 +169,7 @@ class BatchRunner:
     def _pull_study(self, qr: QueryRetrieve, run_id: int, job: BatchJob, study_uid: str, position: str,
                     report: Callable[[str], None], stop: threading.Event) -> StudyPull:
         update = lambda **values: self.store.update_batch_study(run_id, study_uid, **values)  # noqa: E731
-        update(state="moving")
+        update(state="pulling")
         try:
             answers = qr.find(series_identifier(job, study_uid))
         except QueryRetrieveError as exc:
