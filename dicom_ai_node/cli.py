@@ -209,6 +209,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def processing(store, study_uid: str) -> str:
+    """What became of a pulled study in the node: its series' states and their jobs', e.g. "; in the node:
+    1 series routed, jobs 1 done"."""
+    series = store.series_of_study(study_uid)
+    if not series:
+        return ""
+    states = Counter(s.state for s in series)
+    jobs = Counter(j.state for s in series for j in store.jobs(s.series_uid))
+    text = ", ".join(f"{n} series {state}" for state, n in sorted(states.items()))
+    if jobs:
+        text += "; jobs " + ", ".join(f"{n} {state}" for state, n in sorted(jobs.items()))
+    return f"; in the node: {text}"
+
+
 def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
     """The latest batch runs (of `job`), each with its studies' progress."""
     lines = []
@@ -224,7 +238,7 @@ def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
             label = "note" if study.state in ("waiting", "skipped") else "error"
             error = f"  {label}: {study.last_error}" if study.last_error else ""
             lines.append(f"    study {study.study_uid}  {study.state:<8} {series}, {study.completed} instances "
-                         f"delivered, {study.failed} failed{pulling}{error}")
+                         f"delivered, {study.failed} failed{pulling}{processing(store, study.study_uid)}{error}")
         if len([line for line in lines if line.startswith("  run")]) >= limit:
             break
     return lines or ["  none yet"]

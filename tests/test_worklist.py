@@ -276,6 +276,7 @@ def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, st
     assert main(["status", "--config", str(node.config_path)]) == 0
     status = capsys.readouterr().out
     assert "BATCH RUNS" in status and f"study {study_uid}  done     series 1/1, {len(sources)} instances" in status
+    assert "0 failed; in the node: 1 series routed; jobs 1 done" in status
     assert main(["batch", "list", "--config", str(node.config_path)]) == 0
     assert "chest-ct: from ORTHANC, on command only; matching ModalitiesInStudy='CT'" in capsys.readouterr().out
 
