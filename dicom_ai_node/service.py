@@ -65,6 +65,7 @@ DEVICE_BUSY_RETRY_S = 10.0  # a job the device had no memory for is tried again 
 JOB_LEASE_S = 3600.0
 RETENTION_EVERY_S = 600.0
 JOURNAL_SWEEP_EVERY_S = 60.0  # how often journals abandoned by a pull that died are looked for
+JOURNAL_MIN_AGE_S = 10.0  # younger: maybe a pull's that has made its journal and not yet locked it
 MAX_WORKER_CRASHES = 3  # a job whose worker process died this often is failed, not retried again
 
 
@@ -422,7 +423,7 @@ class NodeService:
         """Place what a pull that died had acknowledged: a C-GET's journal that no live process owns (the
         node's own receive journals are left to their receivers); returns how many instances."""
         replayed = recover_other_journals(self.config.journal_dir, self.config.spool_dir, self.store,
-                                          keep=self.receiver.journal_names)
+                                          keep=self.receiver.journal_names, min_age_s=JOURNAL_MIN_AGE_S)
         if replayed:
             log.warning("replayed %d instance(s) acknowledged by a pull that stopped before placing them", replayed)
         return replayed

@@ -585,12 +585,20 @@ class IngestJournal:
         segment.path.unlink(missing_ok=True)
 
 
-def recover_other_journals(root: Path, spool_dir: Path, store: JobStore, keep: set[str]) -> int:
+def recover_other_journals(root: Path, spool_dir: Path, store: JobStore, keep: set[str],
+                           min_age_s: float = 0.0) -> int:
     """Replay and remove the journals under `root` that no receiver will open and no live process holds (a
     node that ran more receive processes before, a batch pull that died); returns how many instances they
-    held."""
+    held. `min_age_s` leaves journals changed more recently alone: a running node sweeping for abandoned
+    journals must not take one that a pull has just made and not yet locked."""
     replayed = 0
+    now = time.time()
     for folder in sorted(p for p in root.glob("*") if p.is_dir() and p.name not in keep):
+        try:
+            if now - folder.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
+            continue
         journal = IngestJournal(folder, spool_dir, store)
         try:
             replayed += journal.recover()
