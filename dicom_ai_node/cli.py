@@ -65,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.file))
     manifests = load_pipelines(config)
-    print(f"{args.file}: OK ({len(config.peers)} peers, {len(config.rules)} rules, "
+    print(f"{args.file}: OK ({len(config.peers)} peers, {len(config.rules)} rules, {len(config.batch)} batch jobs, "
           f"pipelines: {', '.join(sorted(manifests)) or 'none'})")
     return 0
 

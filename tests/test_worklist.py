@@ -187,6 +187,8 @@ def test_batch_list_shows_each_jobs_schedule_and_what_it_pulls(tmp_path, capsys)
     assert lines[2].startswith("often: from PACS, every 15 min while the node runs; matching every study;")
     assert lines[4].startswith("scheduled: from PACS, on command only; studies scheduled in PACS's worklist "
                                "(Modality='CT'), series matching Modality='CT';")
+    assert main(["check-config", str(config)]) == 0
+    assert ": OK (1 peers, 2 rules, 3 batch jobs, pipelines: " in capsys.readouterr().out
 
 
 # -- run records ------------------------------------------------------------------------------------------
