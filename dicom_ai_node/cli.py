@@ -287,12 +287,24 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
     from dicom_ai_node.worklist.batch import BatchError, BatchRunner
 
     config = _config(args)
+    from dicom_ai_node.worklist.qr import QueryRetrieveError
+
     runner = BatchRunner(config, JobStore(config.db_path), AuditLog(config.audit_path))
     try:
+        if args.dry_run:
+            found, studies = runner.preview(args.name, again=args.again)
+            print(f"dry run, nothing pulled: {found}; a run would pull "
+                  f"{sum(not before for _, _, before in studies)}")
+            for uid, summary, before in studies:
+                print(f"  {uid}  {'pulled before, left' if before else 'would pull'}  ({summary})")
+            return 0
         run = runner.run(args.name, trigger="command", again=args.again, report=print)
     except BatchError as exc:
         print(f"batch: {exc}", file=sys.stderr)
         return 2
+    except QueryRetrieveError as exc:  # a dry run's query
+        print(f"batch: {exc}", file=sys.stderr)
+        return 1
     return 0 if run.state == "done" else 1
 
 
@@ -339,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(batch.add_parser("run", help="run a batch job now (the node must be running to receive)"))
     p.add_argument("name")
     p.add_argument("--again", action="store_true", help="pull studies pulled before too")
+    p.add_argument("--dry-run", action="store_true", help="only say which studies a run would pull")
     p.set_defaults(func=cmd_batch_run)
     p = with_config(sub.add_parser("demo", help="push a synthetic chest CT to a running node and wait for results"))
     p.add_argument("--host", default="127.0.0.1")

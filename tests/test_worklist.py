@@ -30,8 +30,8 @@ from dicom_ai_node.phantom_xray import make_chest_radiograph
 from dicom_ai_node.worklist import batch
 from dicom_ai_node.worklist.batch import BatchError, BatchRunner
 from dicom_ai_node.worklist.query import (
-    failed_move_status, move_failure, series_identifier, series_to_pull, studies_found, study_date_range, study_identifier,
-    worklist_identifier,
+    failed_move_status, move_failure, series_identifier, series_to_pull, studies_found, study_date_range,
+    study_identifier, study_summary, worklist_identifier,
 )
 from dicom_ai_node.worklist.schedule import trigger_of
 
@@ -98,6 +98,15 @@ def test_studies_found_keeps_answer_order_once_each_and_the_limit():
     answers.append(answer(StudyDate="20260101"))  # no UID at all
     assert studies_found(answers, limit=2) == (["1.2.3", "1.2.4"], 3)
     assert studies_found(answers, limit=10) == (["1.2.3", "1.2.4", "1.2.5"], 3)
+
+
+def test_a_study_summary_gives_modalities_and_count_and_nothing_else():
+    study = answer(StudyInstanceUID="1.2.3", ModalitiesInStudy=["CT", "SEG"], NumberOfStudyRelatedInstances="43",
+                   StudyDate="20260101", PatientName="Not^Shown")
+    assert study_summary(study) == "CT/SEG, 43 instances"
+    step = answer(StudyInstanceUID="1.2.4", ScheduledProcedureStepSequence=[answer(Modality="MR")])
+    assert study_summary(step) == "MR"
+    assert study_summary(answer(StudyInstanceUID="1.2.5")) == "modality not given"
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR")
@@ -250,6 +259,12 @@ def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, st
     upload(orthanc, make_chest_radiograph(uid_seed="batch-xr"), tmp_path / "xr")  # ModalitiesInStudy DX
     study_uid = str(ct.datasets[0].StudyInstanceUID)
 
+    assert main(["batch", "run", "chest-ct", "--dry-run", "--config", str(node.config_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "dry run, nothing pulled: 1 studies matched; a run would pull 1",
+        f"  {study_uid}  would pull  (CT, {len(sources)} instances)"]
+    assert node.store.batch_runs() == [] and node.store.all_series() == []
+
     assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
     out = capsys.readouterr().out
     assert "1 studies matched; pulling 1" in out
@@ -273,6 +288,8 @@ def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, st
     # The next run finds the study again (with its results now), and leaves it: pulled before.
     assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
     assert "1 studies matched, 1 pulled before; pulling 0" in capsys.readouterr().out
+    assert main(["batch", "run", "chest-ct", "--dry-run", "--config", str(node.config_path)]) == 0
+    assert f"  {study_uid}  pulled before, left  (CT/" in capsys.readouterr().out  # and now SEG, SR, OT too
     assert [s.revision for s in node.store.all_series() if s.study_uid == study_uid] == [series.revision]
     assert len(orthanc.instances_of_study(study_uid)) == len(sources) + 3  # nothing sent twice
     assert len(node.store.jobs()) == 1

@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Callable, Iterator
 
+from pydicom.dataset import Dataset
+
 from dicom_ai_node.audit import AuditLog
-from dicom_ai_node.config import BatchJob, NodeConfig
+from dicom_ai_node.config import BatchJob, NodeConfig, Peer
 from dicom_ai_node.jobs.store import BatchRunRow, JobStore
 from dicom_ai_node.worklist.get import GetReceiver
 from dicom_ai_node.worklist.qr import MoveProgress, QueryRetrieve, QueryRetrieveError
 from dicom_ai_node.worklist.query import (
     SeriesToPull,
-    series_identifier, series_to_pull, studies_found, study_identifier, worklist_identifier,
+    answered_uid, series_identifier, series_to_pull, studies_found, study_identifier, study_summary,
+    worklist_identifier,
 )
 
 log = logging.getLogger("dicom_ai_node.worklist")
@@ -51,6 +54,20 @@ class StudyPull:
     failed: int
     error: str = ""
     waiting: bool = False  # the source has no series of it yet
+
+
+@dataclass(frozen=True)
+class FoundStudies:
+    """The studies a run takes (in the source's order, at most max_studies), and which it leaves."""
+
+    uids: list[str]
+    pulled_before: set[str]
+    summaries: dict[str, str]  # study UID -> modalities and count, as the source gave them
+    text: str  # "3 studies matched, 1 pulled before"
+
+    @property
+    def todo(self) -> list[str]:
+        return [uid for uid in self.uids if uid not in self.pulled_before]
 
 
 def _nothing(_: str) -> None:
@@ -107,30 +124,27 @@ class BatchRunner:
             report(f"run #{run.id} {state}: {note}")
         return self.store.batch_run(run.id)
 
+    def preview(self, name: str, again: bool = False) -> tuple[str, list[tuple[str, str, bool]]]:
+        """What a run of `name` would pull now, without pulling or recording anything: the line a run
+        starts with, and per study (UID, what the source says of it, pulled before)."""
+        job = self.job(name)
+        with QueryRetrieve(self.config, self._peer(job)) as qr:
+            found = self._found(qr, job, again)
+        return found.text, [(uid, found.summaries.get(uid, ""), uid in found.pulled_before) for uid in found.uids]
+
     def _run(self, run_id: int, job: BatchJob, again: bool, report: Callable[[str], None],
              stop: threading.Event) -> tuple[str, str]:
-        peer = self.config.peer(job.source)
-        assert peer is not None  # config validation: a batch job's source is a peer
-        scheduled = self._scheduled_studies(job) if job.worklist is not None else None
+        peer = self._peer(job)
         with ExitStack() as stack:
             getter = None
             if job.retrieve == "get":
                 getter = stack.enter_context(GetReceiver(self.config, self.store, self.audit, peer))
             qr = stack.enter_context(QueryRetrieve(self.config, peer, get_receiver=getter))
             stack.enter_context(self._tracked(qr))
-            if scheduled is None:
-                uids, matched = studies_found(qr.find(study_identifier(job, date.today())), job.max_studies)
-            else:
-                uids, matched = scheduled
-            pulled_before = set() if again else self.store.pulled_studies(job.source, uids)
-            todo = [uid for uid in uids if uid not in pulled_before]
+            found = self._found(qr, job, again)
+            todo = found.todo
             self.store.queue_batch_studies(run_id, todo)
-            found = f"{matched} {'studies' if scheduled is None else 'scheduled studies'} matched"
-            if matched > len(uids):
-                found += f", {len(uids)} taken (max_studies), the rest left for the next run"
-            if pulled_before:
-                found += f", {len(pulled_before)} pulled before"
-            report(f"run #{run_id}: {found}; pulling {len(todo)}")
+            report(f"run #{run_id}: {found.text}; pulling {len(todo)}")
             pulls = []
             for number, study_uid in enumerate(todo, start=1):
                 if stop.is_set():
@@ -138,7 +152,7 @@ class BatchRunner:
                 pulls.append(self._pull_study(qr, run_id, job, study_uid, f"{number}/{len(todo)}", report, stop))
         failed = [p for p in pulls if p.error]
         waiting = sum(p.waiting for p in pulls)
-        summary = (f"{found}; {len(pulls) - len(failed) - waiting} of {len(todo)} pulled "
+        summary = (f"{found.text}; {len(pulls) - len(failed) - waiting} of {len(todo)} pulled "
                    f"({sum(p.delivered for p in pulls)} instances)")
         if waiting:
             summary += f", {waiting} not in {job.source} yet (looked for again by the next run)"
@@ -148,13 +162,34 @@ class BatchRunner:
             return "failed", f"{summary}; {len(failed)} failed, first: {failed[0].error}"
         return "done", summary
 
-    def _scheduled_studies(self, job: BatchJob) -> tuple[list[str], int]:
-        """The studies of the procedure steps that `job`'s worklist query matches."""
+    def _peer(self, job: BatchJob) -> Peer:
+        peer = self.config.peer(job.source)
+        assert peer is not None  # config validation: a batch job's source is a peer
+        return peer
+
+    def _found(self, qr: QueryRetrieve, job: BatchJob, again: bool) -> "FoundStudies":
+        """The studies a run of `job` takes: from the source's study level answers, or from its worklist."""
+        if job.worklist is None:
+            answers = qr.find(study_identifier(job, date.today()))
+        else:
+            answers = self._scheduled_steps(job)
+        uids, matched = studies_found(answers, job.max_studies)
+        summaries = {answered_uid(a, "StudyInstanceUID"): study_summary(a) for a in answers}
+        pulled_before = set() if again else self.store.pulled_studies(job.source, uids)
+        text = f"{matched} {'studies' if job.worklist is None else 'scheduled studies'} matched"
+        if matched > len(uids):
+            text += f", {len(uids)} taken (max_studies), the rest left for the next run"
+        if pulled_before:
+            text += f", {len(pulled_before)} pulled before"
+        return FoundStudies(uids, pulled_before, summaries, text)
+
+    def _scheduled_steps(self, job: BatchJob) -> list[Dataset]:
+        """The worklist's answers for the procedure steps that `job`'s worklist query matches."""
         assert job.worklist is not None
         peer = self.config.peer(job.worklist.source)
         assert peer is not None  # config validation: a worklist source is a peer
         with QueryRetrieve(self.config, peer, worklist=True) as worklist, self._tracked(worklist):
-            return studies_found(worklist.find(worklist_identifier(job, date.today())), job.max_studies)
+            return worklist.find(worklist_identifier(job, date.today()))
 
     @contextmanager
     def _tracked(self, qr: QueryRetrieve) -> Iterator[None]:

@@ -117,12 +117,25 @@ def answered_count(identifier: Dataset, keyword: str) -> int | None:
 
 def studies_found(answers: Iterable[Dataset], limit: int) -> tuple[list[str], int]:
     """(study UIDs in answer order, once each, at most `limit`; how many distinct studies matched)."""
-    seen: list[str] = []
+    seen: dict[str, None] = {}  # ordered, and a look-up per answer
     for identifier in answers:
         uid = answered_uid(identifier, "StudyInstanceUID")
-        if uid and uid not in seen:
-            seen.append(uid)
-    return seen[:limit], len(seen)
+        if uid:
+            seen.setdefault(uid)
+    return list(seen)[:limit], len(seen)
+
+
+def study_summary(identifier: Dataset) -> str:
+    """What an answer says of its study, for a dry run: modalities and instance count (no dates, no names)."""
+    modalities = identifier.get("ModalitiesInStudy")
+    if modalities is None and "ScheduledProcedureStepSequence" in identifier:
+        steps = identifier.ScheduledProcedureStepSequence
+        modalities = [step.get("Modality", "") for step in steps]
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    text = "/".join(str(m) for m in (modalities or []) if str(m).strip()) or "modality not given"
+    count = answered_count(identifier, "NumberOfStudyRelatedInstances")
+    return f"{text}, {count} instances" if count is not None else text
 
 
 def series_to_pull(job: BatchJob, answers: Iterable[Dataset]) -> list[SeriesToPull]:
