@@ -228,6 +228,20 @@ def test_pulled_studies_are_those_done_from_that_source(tmp_path):
 
 # -- against a real PACS ---------------------------------------------------------------------------------
 
+@pytest.fixture
+def open_orthanc(tmp_path):
+    """Start an Orthanc with settings of the test's own (e.g. answering any AE); stopped at teardown."""
+    started = []
+
+    def start(**settings):
+        started.append(start_orthanc(tmp_path / f"pacs-{len(started)}", "open-pacs", **settings))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 def node_with_batch(start_node, orthanc, extra: str = ""):
     return start_node(f"""
 peers:
@@ -303,9 +317,9 @@ def test_batch_pulls_matching_studies_once_and_their_results_go_back(orthanc, st
 
 
 @pytest.mark.integration
-def test_a_pacs_that_does_not_know_the_node_fails_the_study_with_what_to_fix(start_node, tmp_path):
+def test_a_pacs_that_does_not_know_the_node_fails_the_study_with_what_to_fix(start_node, tmp_path, open_orthanc):
     # Orthanc answers C-FIND and C-MOVE from any AE here, but has no address for the move destination.
-    orthanc = start_orthanc(tmp_path / "pacs", "open-pacs", DicomAlwaysAllowFind=True, DicomAlwaysAllowMove=True)
+    orthanc = open_orthanc(DicomAlwaysAllowFind=True, DicomAlwaysAllowMove=True)
     node = node_with_batch(start_node, orthanc)
     ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-unknown")
     upload(orthanc, ct, tmp_path / "ct")
@@ -322,7 +336,6 @@ def test_a_pacs_that_does_not_know_the_node_fails_the_study_with_what_to_fix(sta
     again = runner.run("chest-ct")
     assert again.state == "done", again.note
     assert [s.state for s in node.store.batch_studies(again.id)] == ["done"]
-    orthanc.stop()
 
 
 @pytest.mark.integration
@@ -463,27 +476,24 @@ batch:
 # -- C-GET: the instances come back on the node's own association -----------------------------------------
 
 @pytest.mark.integration
-def test_a_get_job_needs_no_address_of_the_node_at_the_pacs(start_node, tmp_path, capsys):
+def test_a_get_job_needs_no_address_of_the_node_at_the_pacs(start_node, tmp_path, capsys, open_orthanc):
     # Orthanc answers C-FIND and C-GET from any AE and knows nothing of the node: no modality entry.
-    orthanc = start_orthanc(tmp_path / "pacs", "get-pacs", DicomAlwaysAllowFind=True, DicomAlwaysAllowGet=True)
-    try:
-        node = node_with_batch(start_node, orthanc, "    retrieve: get\n")
-        ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-get")
-        sources = upload(orthanc, ct, tmp_path / "ct")
-        study_uid = str(ct.datasets[0].StudyInstanceUID)
-        assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
-        out = capsys.readouterr().out
-        assert f"study {study_uid} (1/1): series 1/1 CT, {len(sources)} instances delivered, 0 failed" in out
-        [series] = node.store.all_series()
-        assert (series.study_uid, series.instances, series.calling_ae) == (study_uid, len(sources), orthanc.aet)
-        for row in node.store.instances(series.series_uid):  # in the spool, whole, as the PACS sent them
-            assert pydicom.dcmread(row.path).SOPInstanceUID == row.sop_uid
-        assert [p.name for p in node.config.journal_dir.iterdir()] == ["0"]  # the pull's journal is gone
-        # Processed like a pushed series, and the results go back to the PACS it came from.
-        wait_for(lambda: len(orthanc.instances_of_study(study_uid)) >= len(sources) + 3, timeout=180,
-                 what="the results of the C-GET pulled series in Orthanc")
-    finally:
-        orthanc.stop()
+    orthanc = open_orthanc(DicomAlwaysAllowFind=True, DicomAlwaysAllowGet=True)
+    node = node_with_batch(start_node, orthanc, "    retrieve: get\n")
+    ct = make_chest_phantom(slices=20, size=64, pixel_spacing_mm=3.0, slice_thickness_mm=5.0, uid_seed="batch-get")
+    sources = upload(orthanc, ct, tmp_path / "ct")
+    study_uid = str(ct.datasets[0].StudyInstanceUID)
+    assert main(["batch", "run", "chest-ct", "--config", str(node.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"study {study_uid} (1/1): series 1/1 CT, {len(sources)} instances delivered, 0 failed" in out
+    [series] = node.store.all_series()
+    assert (series.study_uid, series.instances, series.calling_ae) == (study_uid, len(sources), orthanc.aet)
+    for row in node.store.instances(series.series_uid):  # in the spool, whole, as the PACS sent them
+        assert pydicom.dcmread(row.path).SOPInstanceUID == row.sop_uid
+    assert [p.name for p in node.config.journal_dir.iterdir()] == ["0"]  # the pull's journal is gone
+    # Processed like a pushed series, and the results go back to the PACS it came from.
+    wait_for(lambda: len(orthanc.instances_of_study(study_uid)) >= len(sources) + 3, timeout=180,
+             what="the results of the C-GET pulled series in Orthanc")
 
 
 def test_a_journal_has_one_owner_and_the_sweep_leaves_it_alone(tmp_path):
