@@ -225,7 +225,7 @@ def _check_query_keys(keys: dict[str, Any], level: str) -> dict[str, str]:
             raise ValueError(f"{level} key {key!r} is set by the node, not by the job")
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{level} key {key!r}: give one matching value as a string (wildcards * and ?, "
-                             "ranges as A-B), not {type(value).__name__}")
+                             f"ranges as A-B), not a {type(value).__name__}")
         checked[key] = str(value)
     return checked
 

@@ -150,7 +150,7 @@ def test_move_failures_tell_the_operator_what_to_do():
     ("{name: j, source: PACS, cron: '0 2 * * *', every_minutes: 5}", "cron or every_minutes, not both"),
     ("{name: j, source: PACS, study_days: 1, query: {StudyDate: '20260101'}}", "study_days or a StudyDate"),
     ("{name: j, source: PACS, query: {StudyDescripton: CT}}", "'StudyDescripton' is not a DICOM keyword"),
-    ("{name: j, source: PACS, series: {Modality: [CT, MR]}}", "give one matching value as a string"),
+    ("{name: j, source: PACS, series: {Modality: [CT, MR]}}", "give one matching value as a string (wildcards * and ?, ranges as A-B), not a list"),
     ("{name: j, source: PACS, query: {StudyInstanceUID: 1.2.3}}", "is set by the node"),
     ("{name: j, source: PACS, every_minutes: 0}", "greater than 0"),
     ("{name: j, source: PACS, worklist: {source: RIS}}", "worklist source 'RIS' is not a configured peer"),
