@@ -65,8 +65,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.file))
     manifests = load_pipelines(config)
-    print(f"{args.file}: OK ({len(config.peers)} peers, {len(config.rules)} rules, {len(config.batch)} batch jobs, "
-          f"pipelines: {', '.join(sorted(manifests)) or 'none'})")
+    print(f"{args.file}: OK ({len(config.peers)} peers, {len(config.rules)} rules, "
+          f"{len(config.batch)} batch jobs, pipelines: {', '.join(sorted(manifests)) or 'none'})")
     return 0
 
 
@@ -226,9 +226,7 @@ def processing(store, study_uid: str) -> str:
 def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
     """The latest batch runs (of `job`), each with its studies' progress."""
     lines = []
-    for run in store.batch_runs(limit=1000 if job else limit):
-        if job is not None and run.job != job:
-            continue
+    for run in store.batch_runs(limit=limit, job=job):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
         lines.append(f"  run #{run.id:<4} {run.job:<20} {run.state:<8} from {run.source} ({run.trigger}) started "
                      f"{started}: {run.note or f'{run.found} studies found'}")
@@ -239,8 +237,6 @@ def batch_run_lines(store, limit: int, job: str | None = None) -> list[str]:
             error = f"  {label}: {study.last_error}" if study.last_error else ""
             lines.append(f"    study {study.study_uid}  {study.state:<8} {series}, {study.completed} instances "
                          f"delivered, {study.failed} failed{pulling}{processing(store, study.study_uid)}{error}")
-        if len([line for line in lines if line.startswith("  run")]) >= limit:
-            break
     return lines or ["  none yet"]
 
 
@@ -285,10 +281,9 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
     from dicom_ai_node.audit import AuditLog
     from dicom_ai_node.jobs.store import JobStore
     from dicom_ai_node.worklist.batch import BatchError, BatchRunner
-
-    config = _config(args)
     from dicom_ai_node.worklist.qr import QueryRetrieveError
 
+    config = _config(args)
     runner = BatchRunner(config, JobStore(config.db_path), AuditLog(config.audit_path))
     try:
         if args.dry_run:

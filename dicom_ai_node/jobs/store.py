@@ -221,7 +221,7 @@ class BatchRunRow:
     started: float
     heartbeat: float
     finished: float | None
-    found: int  # studies the query matched (at most the job's max_studies)
+    found: int  # studies the run took up to pull (matched, at most max_studies, less those pulled before)
     note: str
 
 
@@ -232,10 +232,11 @@ class BatchStudyRow:
     state: str
     series_total: int
     series_done: int
-    completed: int  # C-MOVE sub-operations: instances the PACS delivered, failed to deliver, delivered with warning
+    completed: int  # sub-operations of the C-MOVEs/C-GETs: instances delivered, not delivered, delivered with
+    # a warning
     failed: int
     warning: int
-    remaining: int | None  # of the series being moved, as the PACS last reported
+    remaining: int | None  # of the series being pulled, as the PACS last reported
     last_error: str
 
 
@@ -313,6 +314,14 @@ def _send(row: sqlite3.Row) -> SendRow:
         row["id"], row["job_id"], row["sop_uid"], row["sop_class_uid"], row["path"], row["destination"],
         row["state"], row["attempts"], row["created"], row["next_attempt"], row["last_error"], row["last_status"],
     )
+
+
+def _batch_run(row: sqlite3.Row) -> BatchRunRow:
+    return BatchRunRow(*(row[name] for name in BatchRunRow.__dataclass_fields__))
+
+
+def _batch_study(row: sqlite3.Row) -> BatchStudyRow:
+    return BatchStudyRow(*(row[name] for name in BatchStudyRow.__dataclass_fields__))
 
 
 SERIES_SELECT = (
@@ -800,12 +809,15 @@ class JobStore:
         return self.batch_run(run_id)
 
     def batch_run(self, run_id: int) -> BatchRunRow:
-        row = self._db().execute("SELECT * FROM batch_runs WHERE id=?", (run_id,)).fetchone()
-        return BatchRunRow(*(row[k] for k in BatchRunRow.__dataclass_fields__))
+        return _batch_run(self._db().execute("SELECT * FROM batch_runs WHERE id=?", (run_id,)).fetchone())
 
-    def batch_runs(self, limit: int = 20) -> list[BatchRunRow]:
-        rows = self._db().execute("SELECT * FROM batch_runs ORDER BY id DESC LIMIT ?", (limit,))
-        return [BatchRunRow(*(r[k] for k in BatchRunRow.__dataclass_fields__)) for r in rows]
+    def batch_runs(self, limit: int = 20, job: str | None = None) -> list[BatchRunRow]:
+        """The latest runs (of `job`), newest first."""
+        if job is None:
+            rows = self._db().execute("SELECT * FROM batch_runs ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db().execute("SELECT * FROM batch_runs WHERE job=? ORDER BY id DESC LIMIT ?", (job, limit))
+        return [_batch_run(r) for r in rows]
 
     def finish_batch_run(self, run_id: int, state: str, note: str = "", now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -848,7 +860,7 @@ class JobStore:
 
     def batch_studies(self, run_id: int) -> list[BatchStudyRow]:
         rows = self._db().execute("SELECT * FROM batch_studies WHERE run_id=? ORDER BY rowid", (run_id,))
-        return [BatchStudyRow(*(r[k] for k in BatchStudyRow.__dataclass_fields__)) for r in rows]
+        return [_batch_study(r) for r in rows]
 
     # -- retention -------------------------------------------------------------------------------------
 

@@ -49,9 +49,7 @@ class StudyPull:
     """What pulling one study came to."""
 
     study_uid: str
-    series: int
-    delivered: int
-    failed: int
+    delivered: int  # instances
     error: str = ""
     waiting: bool = False  # the source has no series of it yet
 
@@ -128,13 +126,13 @@ class BatchRunner:
         """What a run of `name` would pull now, without pulling or recording anything: the line a run
         starts with, and per study (UID, what the source says of it, pulled before)."""
         job = self.job(name)
-        with QueryRetrieve(self.config, self._peer(job)) as qr:
+        with QueryRetrieve(self.config, self._peer(job.source)) as qr:
             found = self._found(qr, job, again)
         return found.text, [(uid, found.summaries.get(uid, ""), uid in found.pulled_before) for uid in found.uids]
 
     def _run(self, run_id: int, job: BatchJob, again: bool, report: Callable[[str], None],
              stop: threading.Event) -> tuple[str, str]:
-        peer = self._peer(job)
+        peer = self._peer(job.source)
         with ExitStack() as stack:
             getter = None
             if job.retrieve == "get":
@@ -162,12 +160,12 @@ class BatchRunner:
             return "failed", f"{summary}; {len(failed)} failed, first: {failed[0].error}"
         return "done", summary
 
-    def _peer(self, job: BatchJob) -> Peer:
-        peer = self.config.peer(job.source)
-        assert peer is not None  # config validation: a batch job's source is a peer
+    def _peer(self, ae_title: str) -> Peer:
+        peer = self.config.peer(ae_title)
+        assert peer is not None  # config validation: a batch job's source and worklist source are peers
         return peer
 
-    def _found(self, qr: QueryRetrieve, job: BatchJob, again: bool) -> "FoundStudies":
+    def _found(self, qr: QueryRetrieve, job: BatchJob, again: bool) -> FoundStudies:
         """The studies a run of `job` takes: from the source's study level answers, or from its worklist."""
         if job.worklist is None:
             answers = qr.find(study_identifier(job, date.today()))
@@ -186,8 +184,7 @@ class BatchRunner:
     def _scheduled_steps(self, job: BatchJob) -> list[Dataset]:
         """The worklist's answers for the procedure steps that `job`'s worklist query matches."""
         assert job.worklist is not None
-        peer = self.config.peer(job.worklist.source)
-        assert peer is not None  # config validation: a worklist source is a peer
+        peer = self._peer(job.worklist.source)
         with QueryRetrieve(self.config, peer, worklist=True) as worklist, self._tracked(worklist):
             return worklist.find(worklist_identifier(job, date.today()))
 
@@ -209,17 +206,17 @@ class BatchRunner:
             answers = qr.find(series_identifier(job, study_uid))
         except QueryRetrieveError as exc:
             update(state="failed", last_error=str(exc))
-            return StudyPull(study_uid, 0, 0, 0, str(exc))
+            return StudyPull(study_uid, 0, str(exc))
         if not answers:  # scheduled, not acquired (or not archived) yet: the next run looks again
             update(state="waiting", last_error=f"{job.source} has no series of this study yet")
             report(f"study {study_uid} ({position}): not in {job.source} yet")
-            return StudyPull(study_uid, 0, 0, 0, waiting=True)
+            return StudyPull(study_uid, 0, waiting=True)
         series = series_to_pull(job, answers)
         if not series:
             update(state="skipped", last_error="no series to pull: none matched the job's series keys, or all "
                                                "are derived objects (SEG, SR, ...)")
             report(f"study {study_uid} ({position}): no series to pull")
-            return StudyPull(study_uid, 0, 0, 0)
+            return StudyPull(study_uid, 0)
         update(series_total=len(series))
         delivered = failed = warning = 0
         errors = []
@@ -256,4 +253,4 @@ class BatchRunner:
         update(state="failed" if error else "done", last_error=error)
         self.audit.write("batch-study-pulled" if not error else "batch-study-failed", run_id=run_id, job=job.name,
                          study_uid=study_uid, series=len(series), instances=delivered, error=error or None)
-        return StudyPull(study_uid, len(series), delivered, failed, error)
+        return StudyPull(study_uid, delivered, error)

@@ -6,7 +6,6 @@ One association per batch run; every failure is a `QueryRetrieveError` that name
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -23,13 +22,11 @@ from dicom_ai_node.config import NodeConfig, Peer
 from dicom_ai_node.net import AssociationAttempt, keep_responses_for_the_requestor
 from dicom_ai_node.receive.scp import decodable_transfer_syntaxes
 from dicom_ai_node.worklist.query import (
-    PENDING_STATUSES, STATUS_SUCCESS, failed_move_status, move_failure, move_identifier,
+    PENDING_STATUSES, STATUS_SUCCESS, answered_count, failed_move_status, move_failure, move_identifier,
 )
 
 if TYPE_CHECKING:
     from dicom_ai_node.worklist.get import GetReceiver
-
-log = logging.getLogger("dicom_ai_node.worklist")
 
 
 @dataclass(frozen=True)
@@ -51,16 +48,11 @@ class QueryRetrieveError(RuntimeError):
         self.progress = progress
 
 
-def _count(status: Dataset, keyword: str) -> int | None:
-    value = status.get(keyword)
-    return None if value is None else int(value)
-
-
 def move_progress(status: Dataset) -> MoveProgress:
-    return MoveProgress(_count(status, "NumberOfCompletedSuboperations") or 0,
-                        _count(status, "NumberOfFailedSuboperations") or 0,
-                        _count(status, "NumberOfWarningSuboperations") or 0,
-                        _count(status, "NumberOfRemainingSuboperations"))
+    return MoveProgress(answered_count(status, "NumberOfCompletedSuboperations") or 0,
+                        answered_count(status, "NumberOfFailedSuboperations") or 0,
+                        answered_count(status, "NumberOfWarningSuboperations") or 0,
+                        answered_count(status, "NumberOfRemainingSuboperations"))
 
 
 class QueryRetrieve:
@@ -73,12 +65,12 @@ class QueryRetrieve:
         self.peer = peer
         self.find_model = WORKLIST_FIND if worklist else FIND
         self.get_receiver = get_receiver  # C-GET instead of C-MOVE: what comes back is stored by it
-        self.move_destination = config.node.ae_title
+        self.node_ae = config.node.ae_title  # where a C-MOVE sends, and whom a C-GET's PACS sends back to
         self._assoc = None
         self._aborted = False  # by abort(), not by the peer
 
     def __enter__(self) -> "QueryRetrieve":
-        ae = AE(ae_title=self.config.node.ae_title)
+        ae = AE(ae_title=self.node_ae)
         timeout = self.config.dispatch.timeout_s
         ae.network_timeout = ae.acse_timeout = timeout
         # A move of a large series answers its final status only after the last sub-operation: pending
@@ -145,12 +137,12 @@ class QueryRetrieve:
         last = MoveProgress()
         identifier = move_identifier(study_uid, series_uid)
         if self.get_receiver is not None:
-            service, destination = "C-GET", self.config.node.ae_title
+            service = "C-GET"
             self.get_receiver.series_begins()
             responses = self._established().send_c_get(identifier, GET)
         else:
-            service, destination = "C-MOVE", self.move_destination
-            responses = self._established().send_c_move(identifier, self.move_destination, MOVE)
+            service = "C-MOVE"
+            responses = self._established().send_c_move(identifier, self.node_ae, MOVE)
         try:
             for status, _ in responses:
                 code = int(status.Status) if "Status" in status else None
@@ -164,7 +156,7 @@ class QueryRetrieve:
                 failure = failed_move_status(code, last.failed)
                 if failure is None:
                     return last
-                reason = move_failure(failure, destination, str(status.get("ErrorComment", "")), service)
+                reason = move_failure(failure, self.node_ae, str(status.get("ErrorComment", "")), service)
                 counts = f"{last.completed} delivered, {last.failed} failed, {last.warning} with warnings"
                 raise QueryRetrieveError(f"series {series_uid} from {self.where}: {reason} ({counts})", last)
         finally:
@@ -183,7 +175,7 @@ class QueryRetrieve:
             return "the node aborted the association: it is stopping"
         if self._assoc is not None and self._assoc.is_aborted:
             return (f"the PACS aborted the association (does it allow queries and moves from "
-                    f"{self.config.node.ae_title}?)")
+                    f"{self.node_ae}?)")
         return "no response within the timeout, or the association was lost"
 
     def _failed(self, service: str, identifier: Dataset, code: int | None) -> str:

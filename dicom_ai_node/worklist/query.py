@@ -24,8 +24,8 @@ MOVE_FAILURES = {
             "(AE title {ae}, this host, the node's port)",
     0xA900: "the PACS says the identifier does not match the SOP class",
     STATUS_CANCELLED: "the move was cancelled",
-    STATUS_WARNING: "the PACS could not deliver some instances to {ae} (is the node running, and reachable from the "
-            "PACS at the host and port it has for {ae}?)",
+    STATUS_WARNING: "the PACS could not deliver some instances to {ae} (is the node running, and reachable "
+                    "from the PACS at the host and port it has for {ae}?)",
 }
 
 
@@ -99,15 +99,14 @@ class SeriesToPull:
     instances: int | None  # as the PACS counts them (None when it does not say)
 
 
-def answered_uid(identifier: Dataset | None, keyword: str) -> str:
+def answered_uid(identifier: Dataset, keyword: str) -> str:
     """The UID an answer carries under `keyword` ('' when it has none or an unusable one)."""
-    if identifier is None:
-        return ""
     value = str(identifier.get(keyword, "") or "").strip().rstrip("\0")
     return value if value and len(value) <= 64 and all(c.isdigit() or c == "." for c in value) else ""
 
 
 def answered_count(identifier: Dataset, keyword: str) -> int | None:
+    """The count an answer or status carries under `keyword` (None when it has none or an unusable one)."""
     try:
         value = identifier.get(keyword)
         return None if value in (None, "") else int(value)
@@ -169,9 +168,10 @@ GET_FAILURES = {
 }
 
 
-def move_failure(status: int, move_destination: str, comment: str = "", service: str = "C-MOVE") -> str:
-    """What a final C-MOVE (or C-GET) status other than success means, for the operator; `comment` is the
-    PACS's ErrorComment (LO, at most 64 characters: a reason, not data)."""
+def move_failure(status: int, node_ae: str, comment: str = "", service: str = "C-MOVE") -> str:
+    """What a final C-MOVE (or C-GET) status other than success means, for the operator; `node_ae` is the
+    node's AE title (the move destination), `comment` the PACS's ErrorComment (LO, at most 64 characters: a
+    reason, not data)."""
     text = (GET_FAILURES.get(status) if service == "C-GET" else None) or MOVE_FAILURES.get(status)
     if text is None and 0xC000 <= status <= 0xCFFF:
         # Orthanc, among others, answers so when it has no address for the move destination.
@@ -181,4 +181,4 @@ def move_failure(status: int, move_destination: str, comment: str = "", service:
     if text is None:
         text = f"the PACS answered with a status the standard does not define for {service}"
     said = f'; the PACS says: "{comment.strip()[:64]}"' if comment.strip() else ""
-    return f"{service} status 0x{status:04X}: {text.format(ae=move_destination)}{said}"
+    return f"{service} status 0x{status:04X}: {text.format(ae=node_ae)}{said}"
